@@ -1,0 +1,80 @@
+//! Backends: the engines that carry operations. Nothing here is public; users see only
+//! [`Endpoint`](crate::Endpoint) and [`Connection`](crate::Connection).
+
+pub(crate) mod tcp;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::addr::{Address, BackendKind};
+use crate::endpoint::ConnShared;
+use crate::error::Result;
+use crate::op::Completion;
+use crate::sys::mem::Slice;
+use crate::wire::Target;
+
+/// What an operation does.
+#[derive(Debug)]
+pub(crate) enum OpKind {
+    /// Write `local` to the target; with `notify`, the target gets an event afterwards.
+    Write {
+        local: Slice,
+        target: Target,
+        notify: Option<u32>,
+    },
+    /// Read from the target into `local`.
+    Read { local: Slice, target: Target },
+    /// Compare-and-swap at the target.
+    Cas {
+        target: Target,
+        expected: u64,
+        new: u64,
+    },
+    /// Fetch-and-add at the target.
+    Faa { target: Target, add: u64 },
+    /// A two-sided message.
+    Send { data: Vec<u8> },
+    /// Everything submitted before completes before anything submitted after is issued.
+    Fence,
+}
+
+/// One submitted operation.
+#[derive(Debug)]
+pub(crate) struct OpReq {
+    pub(crate) kind: OpKind,
+    pub(crate) done: Arc<Completion>,
+    pub(crate) deadline: Instant,
+    /// The key's idea of the region length, for error messages.
+    pub(crate) key_len: u64,
+}
+
+/// A progress engine for one backend.
+///
+/// All methods take `&self`: engines keep their state behind a lock that the progress
+/// thread (or a caller driving progress) holds while working.
+pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// Queue an operation for `conn`; gives it back when the submission queue is full.
+    fn submit(&self, conn: &Arc<ConnShared>, req: OpReq) -> std::result::Result<(), OpReq>;
+    /// Close a connection: pending operations fail, the peer sees the connection end.
+    fn close(&self, conn: &Arc<ConnShared>);
+    /// Let the engine know a stalled receive queue has room again.
+    fn room_available(&self, conn: &Arc<ConnShared>);
+    /// One non-blocking pass; returns how much work was done (0: idle).
+    fn progress(&self) -> usize;
+    /// Sleep until work may be available or `max` passes.
+    fn park(&self, max: Duration);
+    /// Wake the engine if it is parked.
+    fn wake(&self);
+    /// Open a connection (blocking up to the connect timeout).
+    fn connect(&self, addr: &Address) -> Result<Arc<ConnShared>>;
+    /// Addresses actually bound (with real ports when port 0 was asked for).
+    fn local_addrs(&self) -> Vec<Address>;
+    /// Fail everything pending, close every connection and stop.
+    fn shutdown(&self);
+    /// `Err` once the engine has stopped (after a fatal error or shutdown).
+    fn health(&self) -> Result<()>;
+    /// One line about how the engine is set up (for reports).
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,1839 @@
+//! The `tcp` backend: wire messages over TCP streams, driven by one io_uring per endpoint.
+//!
+//! Each connection has at most one `recv` and one `sendmsg` in flight (a stream must
+//! stay in order). Received bytes land in a small staging buffer until a header is
+//! decoded; a large payload is then received **directly into its destination** (the
+//! target region for a write, the local region for a read response) with
+//! `MSG_WAITALL`, so bulk data crosses exactly one copy (the kernel's) on each side.
+//! Outgoing messages are batched: every header queued on a connection is packed into one
+//! arena and sent with the payloads (region memory, by pointer) in one gathered
+//! `sendmsg`.
+//!
+//! One-sided operations execute at the target inside this engine: the access is checked
+//! against the region table (token, rights, revocation, expiry, bounds, alignment)
+//! before a byte is placed or read; refused write payloads are drained and discarded.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::addr::{Address, BackendKind};
+use crate::backend::{Engine, OpKind, OpReq};
+use crate::endpoint::{ConnShared, Core, Notification};
+use crate::error::{Error, Result};
+use crate::key::Rights;
+use crate::op::Completion;
+use crate::region::{cas, faa};
+use crate::stats::C;
+use crate::sys::mem::Slice;
+use crate::sys::uring::{Buf, Cqe, Gather, Held, Issuer, MAX_IOV, Ring, Seg};
+use crate::sys::{self, EventFd};
+use crate::wire::{
+    self, Body, DecodeError, ErrorCode, Header, Limits, MAX_ERROR_PAYLOAD, MAX_HEADER_LEN,
+    MAX_HELLO_PAYLOAD, Target,
+};
+
+/// Staging buffer per connection.
+const STAGE_LEN: usize = 32 << 10;
+/// Payload remainders at least this large are received straight into their destination.
+const DIRECT_MIN: usize = 4 << 10;
+/// Messages packed into one sendmsg (two iovecs each at most).
+const MAX_BATCH: usize = MAX_IOV / 2;
+/// Submissions taken from the queue per progress pass.
+const CMD_BUDGET: usize = 1024;
+/// How often deadlines are checked.
+const TICK: Duration = Duration::from_millis(1);
+
+const K_RECV: u64 = 0;
+const K_SEND: u64 = 1;
+const K_ACCEPT: u64 = 2;
+const K_WAKE: u64 = 3;
+
+fn tag(id: u64, kind: u64) -> u64 {
+    (id << 3) | kind
+}
+
+/// Control messages from application threads to the engine.
+enum Ctl {
+    Adopt(Arc<ConnShared>, TcpStream),
+    Close(Arc<ConnShared>),
+    Room(Arc<ConnShared>),
+}
+
+/// The tcp engine.
+pub(crate) struct TcpEngine {
+    core: Arc<Core>,
+    me: Weak<TcpEngine>,
+    ops: ArrayQueue<(Arc<ConnShared>, OpReq)>,
+    ctl: Mutex<Vec<Ctl>>,
+    state: Mutex<Option<State>>,
+    listeners: Mutex<Vec<TcpListener>>,
+    addrs: Vec<SocketAddr>,
+    sleeping: AtomicBool,
+    wake_fd: EventFd,
+    dead: Mutex<Option<String>>,
+    is_dead: AtomicBool,
+    setup: Mutex<String>,
+}
+
+impl std::fmt::Debug for TcpEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpEngine")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpEngine {
+    /// Bind the listeners (so address errors surface at once); the ring comes later,
+    /// from the thread that will drive it ([`TcpEngine::init_ring`]).
+    pub(crate) fn new(core: Arc<Core>, listen: &[SocketAddr]) -> Result<Arc<TcpEngine>> {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for a in listen {
+            let l = TcpListener::bind(a).map_err(|e| Error::Io {
+                call: "bind",
+                source: std::io::Error::new(e.kind(), format!("tcp://{a}: {e}")),
+            })?;
+            addrs.push(l.local_addr().map_err(|e| Error::io("getsockname", e))?);
+            listeners.push(l);
+        }
+        let wake_fd = EventFd::new().map_err(|e| Error::io("eventfd", e))?;
+        let cap = core.config.max_queued_ops;
+        Ok(Arc::new_cyclic(|me| TcpEngine {
+            core,
+            me: me.clone(),
+            ops: ArrayQueue::new(cap),
+            ctl: Mutex::new(Vec::new()),
+            state: Mutex::new(None),
+            listeners: Mutex::new(listeners),
+            addrs,
+            sleeping: AtomicBool::new(false),
+            wake_fd,
+            dead: Mutex::new(None),
+            is_dead: AtomicBool::new(false),
+            setup: Mutex::new(String::new()),
+        }))
+    }
+
+    /// Create the io_uring. `dedicated`: called on the progress thread that alone will
+    /// submit (enables single-issuer, deferred task work).
+    pub(crate) fn init_ring(&self, dedicated: bool) -> Result<()> {
+        let issuer = if dedicated {
+            Issuer::Single
+        } else {
+            Issuer::Shared
+        };
+        let ring = Ring::new(1024, issuer).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EPERM) => {
+                    " (io_uring is disabled: check sysctl kernel.io_uring_disabled \
+                     or the container's seccomp profile)"
+                }
+                Some(libc::ENOMEM) => " (locked-memory limit too small: raise ulimit -l)",
+                Some(libc::ENOSYS) => {
+                    " (this kernel has no io_uring; Linux 6.1 or newer is needed)"
+                }
+                _ => "",
+            };
+            Error::Io {
+                call: "io_uring_setup",
+                source: std::io::Error::new(e.kind(), format!("{e}{hint}")),
+            }
+        })?;
+        *self.setup.lock().expect("setup lock") = format!(
+            "tcp: io_uring ({}), {}",
+            ring.features,
+            if dedicated {
+                "progress thread"
+            } else {
+                "caller-driven progress"
+            }
+        );
+        let listeners = std::mem::take(&mut *self.listeners.lock().expect("listener lock"));
+        let limits = Limits {
+            max_payload: self.core.config.max_payload(),
+        };
+        let mut st = State {
+            ctx: Ctx {
+                ring,
+                core: self.core.clone(),
+                me: self.me.clone(),
+                limits,
+                next_op: 1,
+                dirty: Vec::new(),
+                stalled: Vec::new(),
+                closing: Vec::new(),
+                listeners: listeners
+                    .into_iter()
+                    .map(|sock| Listener { sock, armed: false })
+                    .collect(),
+                wake_armed: false,
+                last_tick: Instant::now(),
+                rearm_accept: true,
+            },
+            conns: HashMap::new(),
+            cqes: Vec::with_capacity(256),
+        };
+        st.arm_listeners();
+        *self.state.lock().expect("state lock") = Some(st);
+        Ok(())
+    }
+
+    fn die(&self, reason: String) {
+        tracing::error!("tcp engine stopped: {reason}");
+        *self.dead.lock().expect("dead lock") = Some(reason);
+        self.is_dead.store(true, Ordering::SeqCst);
+    }
+
+    fn drain_ctl(&self, st: &mut State) -> usize {
+        let ctl = std::mem::take(&mut *self.ctl.lock().expect("ctl lock"));
+        let n = ctl.len();
+        for c in ctl {
+            match c {
+                Ctl::Adopt(shared, sock) => st.adopt(shared, sock),
+                Ctl::Close(shared) => {
+                    if let Some(conn) = st.conns.get_mut(&shared.id) {
+                        st.ctx.fail_conn(conn, "closed locally".into(), false);
+                    } else {
+                        shared.mark_closed("closed locally");
+                    }
+                }
+                Ctl::Room(shared) => {
+                    if let Some(conn) = st.conns.get_mut(&shared.id)
+                        && conn.rx_stalled
+                    {
+                        conn.rx_stalled = false;
+                        st.ctx.pump_rx(conn);
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
+impl Engine for TcpEngine {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Tcp
+    }
+
+    fn submit(&self, conn: &Arc<ConnShared>, req: OpReq) -> std::result::Result<(), OpReq> {
+        self.ops.push((conn.clone(), req)).map_err(|(_, r)| r)?;
+        self.wake();
+        Ok(())
+    }
+
+    fn close(&self, conn: &Arc<ConnShared>) {
+        self.ctl
+            .lock()
+            .expect("ctl lock")
+            .push(Ctl::Close(conn.clone()));
+        self.wake();
+    }
+
+    fn room_available(&self, conn: &Arc<ConnShared>) {
+        self.ctl
+            .lock()
+            .expect("ctl lock")
+            .push(Ctl::Room(conn.clone()));
+        self.wake();
+    }
+
+    fn progress(&self) -> usize {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return 0;
+        };
+        let Some(st) = guard.as_mut() else {
+            return 0;
+        };
+        let mut work = st.reap();
+        work += self.drain_ctl(st);
+        let mut n = 0;
+        while n < CMD_BUDGET {
+            let Some((shared, req)) = self.ops.pop() else {
+                break;
+            };
+            n += 1;
+            if !st.conns.contains_key(&shared.id) {
+                // The connection may have been adopted after the control queue was read.
+                self.drain_ctl(st);
+            }
+            st.admit(&shared, req);
+        }
+        work += n;
+        st.flush_dirty();
+        if let Err(e) = st.ctx.ring.submit() {
+            self.die(format!("io_uring_enter failed: {e}"));
+            st.fail_all("the tcp engine stopped");
+            return work;
+        }
+        work += st.reap();
+        if !st.ctx.dirty.is_empty() {
+            st.flush_dirty();
+            let _ = st.ctx.ring.submit();
+        }
+        st.maybe_tick();
+        work
+    }
+
+    fn park(&self, max: Duration) {
+        let Ok(mut guard) = self.state.try_lock() else {
+            std::thread::yield_now();
+            return;
+        };
+        let Some(st) = guard.as_mut() else {
+            drop(guard);
+            std::thread::sleep(max.min(Duration::from_millis(10)));
+            return;
+        };
+        self.sleeping.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.ops.is_empty() || !self.ctl.lock().expect("ctl lock").is_empty() {
+            self.sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        if !st.ctx.wake_armed {
+            if st
+                .ctx
+                .ring
+                .read_counter(self.wake_fd.raw(), tag(0, K_WAKE))
+                .is_ok()
+            {
+                st.ctx.wake_armed = true;
+            } else {
+                self.sleeping.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+        let timeout = max.min(Duration::from_millis(50));
+        if let Err(e) = st.ctx.ring.wait(timeout) {
+            self.die(format!("io_uring_enter (wait) failed: {e}"));
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    fn wake(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake_fd.signal();
+        }
+    }
+
+    fn connect(&self, addr: &Address) -> Result<Arc<ConnShared>> {
+        let sa = addr.socket_addr();
+        let cfg = &self.core.config;
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let mut s =
+            TcpStream::connect_timeout(&sa, cfg.connect_timeout).map_err(|e| Error::Io {
+                call: "connect",
+                source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+            })?;
+        let _ = s.set_nodelay(true);
+        let hs = handshake(&mut s, &self.core, deadline).map_err(|e| match e {
+            Error::Io { call, source } => Error::Io {
+                call,
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("handshake with {addr}: {source}"),
+                ),
+            },
+            other => other,
+        })?;
+        let _ = s.set_read_timeout(None);
+        let _ = s.set_write_timeout(None);
+        configure_socket(&s, &self.core);
+        let local = s
+            .local_addr()
+            .map(Address::Tcp)
+            .unwrap_or_else(|_| addr.clone());
+        let me: Arc<dyn Engine> = self.me.upgrade().ok_or(Error::Closed("endpoint"))?;
+        let shared = ConnShared::new(
+            self.core.next_conn_id(),
+            self.core.clone(),
+            me,
+            hs.peer,
+            local,
+            Address::Tcp(sa),
+            hs.max_payload,
+        );
+        self.ctl
+            .lock()
+            .expect("ctl lock")
+            .push(Ctl::Adopt(shared.clone(), s));
+        self.wake();
+        tracing::debug!(peer = %addr, conn = shared.id, "connected");
+        Ok(shared)
+    }
+
+    fn local_addrs(&self) -> Vec<Address> {
+        self.addrs.iter().map(|a| Address::Tcp(*a)).collect()
+    }
+
+    fn shutdown(&self) {
+        let mut guard = self.state.lock().expect("state lock");
+        if let Some(mut st) = guard.take() {
+            st.fail_all("endpoint closed");
+            while let Some((shared, req)) = self.ops.pop() {
+                shared.finish(&req.done, Err(Error::lost("endpoint closed")));
+            }
+            for c in std::mem::take(&mut *self.ctl.lock().expect("ctl lock")) {
+                if let Ctl::Adopt(shared, _) = c {
+                    shared.mark_closed("endpoint closed");
+                }
+            }
+            for l in &st.ctx.listeners {
+                sys::shutdown(l.sock.as_raw_fd());
+            }
+            self.wake_fd.signal();
+            // Let every operation in flight complete before the ring and its buffers go.
+            let until = Instant::now() + Duration::from_secs(2);
+            while st.ctx.ring.inflight() > 0 && Instant::now() < until {
+                let _ = st.ctx.ring.wait(Duration::from_millis(10));
+                st.cqes.clear();
+                st.ctx.ring.reap(&mut st.cqes);
+            }
+        }
+        if !self.is_dead.load(Ordering::SeqCst) {
+            *self.dead.lock().expect("dead lock") = Some("endpoint closed".into());
+            self.is_dead.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn health(&self) -> Result<()> {
+        if !self.is_dead.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let why = self
+            .dead
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_default();
+        Err(Error::lost(why))
+    }
+
+    fn describe(&self) -> String {
+        self.setup.lock().expect("setup lock").clone()
+    }
+}
+
+/// Socket options for an established connection.
+fn configure_socket(s: &TcpStream, core: &Core) {
+    let _ = s.set_nodelay(true);
+    let fd = s.as_raw_fd();
+    if let Err(e) = sys::tcp_dead_peer_detection(fd, core.config.op_timeout) {
+        tracing::debug!("keepalive setup failed: {e}");
+    }
+    if core.config.socket_buffer > 0 {
+        sys::set_socket_buffers(fd, core.config.socket_buffer);
+    }
+}
+
+struct HandshakeResult {
+    peer: u64,
+    max_payload: u32,
+}
+
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout {
+            after: Duration::ZERO,
+        });
+    }
+    let _ = s.set_read_timeout(Some(left));
+    s.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Protocol(
+            "the peer closed the connection during the handshake (is it a PacketFS endpoint?)"
+                .into(),
+        ),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout {
+            after: Duration::ZERO,
+        },
+        _ => Error::io("recv", e),
+    })
+}
+
+/// Client side of connection setup: HELLO out, HELLO_ACK (or ERROR) back.
+fn handshake(s: &mut TcpStream, core: &Core, deadline: Instant) -> Result<HandshakeResult> {
+    let hello = Header {
+        op_id: 0,
+        payload_len: 0,
+        body: Body::Hello {
+            min_version: wire::MIN_VERSION,
+            max_version: wire::MAX_VERSION,
+            endpoint: core.id,
+            max_payload: core.config.max_payload(),
+            features: 0,
+        },
+    };
+    let mut out = Vec::with_capacity(MAX_HEADER_LEN);
+    hello.encode_to(&mut out);
+    let _ = s.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now())));
+    s.write_all(&out).map_err(|e| Error::io("send", e))?;
+    let mut buf = vec![0u8; wire::PREFIX_LEN];
+    read_exact_by(s, &mut buf, deadline)?;
+    let limits = Limits::default();
+    let h = loop {
+        match Header::decode(&buf, &limits) {
+            Ok((h, _)) => break h,
+            Err(DecodeError::Incomplete { need }) if need > buf.len() => {
+                let have = buf.len();
+                buf.resize(need, 0);
+                read_exact_by(s, &mut buf[have..], deadline)?;
+            }
+            Err(e) => {
+                return Err(Error::Protocol(format!(
+                    "the peer answered with something that is not a PacketFS handshake: {e}"
+                )));
+            }
+        }
+    };
+    let mut payload = vec![0u8; h.payload_len as usize];
+    read_exact_by(s, &mut payload, deadline)?;
+    match h.body {
+        Body::HelloAck {
+            version,
+            endpoint,
+            max_payload,
+            ..
+        } => {
+            if !(wire::MIN_VERSION..=wire::MAX_VERSION).contains(&version) {
+                return Err(Error::VersionMismatch {
+                    ours_min: wire::MIN_VERSION,
+                    ours_max: wire::MAX_VERSION,
+                    theirs_min: version,
+                    theirs_max: version,
+                });
+            }
+            // The HELLO_ACK payload is reserved for peer authentication (see docs/wire.md).
+            Ok(HandshakeResult {
+                peer: endpoint,
+                max_payload,
+            })
+        }
+        Body::Error { code } => {
+            let text = String::from_utf8_lossy(&payload).into_owned();
+            Err(match code {
+                ErrorCode::Busy => Error::Busy(text),
+                ErrorCode::UnsupportedVersion => {
+                    Error::Protocol(format!("the peer refused our wire version: {text}"))
+                }
+                _ => Error::Protocol(format!("the peer refused the connection: {text}")),
+            })
+        }
+        other => Err(Error::Protocol(format!(
+            "expected HELLO_ACK, got {:?}",
+            other.opcode()
+        ))),
+    }
+}
+
+struct Listener {
+    sock: TcpListener,
+    armed: bool,
+}
+
+/// An operation waiting for the target's answer.
+struct Pending {
+    done: Arc<Completion>,
+    kind: PKind,
+    remote_off: u64,
+    len: u64,
+    key_len: u64,
+}
+
+enum PKind {
+    Write,
+    Read(Slice),
+    Atomic,
+    Send,
+}
+
+/// Where payload bytes go.
+enum Dst {
+    Region(Slice),
+    Heap(Option<Vec<u8>>),
+    Discard,
+}
+
+/// What to do once a payload is complete.
+enum Then {
+    /// A remote write placed `bytes`; `last` when the whole op is in.
+    Placed {
+        op_id: u64,
+        last: bool,
+        notify: Option<Notification>,
+        bytes: u64,
+    },
+    /// Data for our read `op_id`.
+    ReadData { op_id: u64, last: bool },
+    /// A message for the application.
+    Message { op_id: u64 },
+    /// The explanation of an `ERROR`.
+    ErrorText { op_id: u64, code: ErrorCode },
+    /// Bytes to discard (refused write, late read response).
+    Dropped,
+    /// The authentication data of a HELLO (reserved; discarded in this version).
+    HelloPayload,
+}
+
+enum Rx {
+    Header,
+    Payload {
+        dst: Dst,
+        len: usize,
+        got: usize,
+        then: Then,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecvInto {
+    Stage,
+    Direct,
+}
+
+struct Tx {
+    hdr: [u8; MAX_HEADER_LEN],
+    hdr_len: u8,
+    payload: Option<Buf>,
+}
+
+struct Conn {
+    id: u64,
+    sock: TcpStream,
+    shared: Option<Arc<ConnShared>>,
+    peer: SocketAddr,
+    hs_deadline: Option<Instant>,
+    hs_version: u8,
+    stage: Option<Vec<u8>>,
+    lo: usize,
+    hi: usize,
+    rx: Rx,
+    recv_busy: bool,
+    recv_into: RecvInto,
+    rx_stalled: bool,
+    txq: VecDeque<Tx>,
+    tx_busy: bool,
+    tx_sent: usize,
+    spare: Option<Gather>,
+    arena: Vec<u8>,
+    in_dirty: bool,
+    pending: HashMap<u64, Pending>,
+    timeouts: VecDeque<(Instant, u64)>,
+    fence: Option<OpReq>,
+    held: VecDeque<OpReq>,
+    closing: Option<String>,
+    /// Close once the queued output (an error for the peer) has been sent.
+    close_after_flush: Option<String>,
+}
+
+impl Conn {
+    fn new(id: u64, sock: TcpStream, shared: Option<Arc<ConnShared>>, peer: SocketAddr) -> Conn {
+        Conn {
+            id,
+            sock,
+            shared,
+            peer,
+            hs_deadline: None,
+            hs_version: 0,
+            stage: Some(vec![0u8; STAGE_LEN]),
+            lo: 0,
+            hi: 0,
+            rx: Rx::Header,
+            recv_busy: false,
+            recv_into: RecvInto::Stage,
+            rx_stalled: false,
+            txq: VecDeque::new(),
+            tx_busy: false,
+            tx_sent: 0,
+            spare: None,
+            arena: Vec::new(),
+            in_dirty: false,
+            pending: HashMap::new(),
+            timeouts: VecDeque::new(),
+            fence: None,
+            held: VecDeque::new(),
+            closing: None,
+            close_after_flush: None,
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+struct Ctx {
+    ring: Ring,
+    core: Arc<Core>,
+    me: Weak<TcpEngine>,
+    limits: Limits,
+    next_op: u64,
+    dirty: Vec<u64>,
+    stalled: Vec<u64>,
+    closing: Vec<u64>,
+    listeners: Vec<Listener>,
+    wake_armed: bool,
+    last_tick: Instant,
+    rearm_accept: bool,
+}
+
+struct State {
+    ctx: Ctx,
+    conns: HashMap<u64, Conn>,
+    cqes: Vec<Cqe>,
+}
+
+fn remote_error(code: ErrorCode, text: String, p: &Pending) -> Error {
+    let why = if text.is_empty() {
+        format!("{code:?}")
+    } else {
+        text
+    };
+    match code {
+        ErrorCode::AccessDenied | ErrorCode::WrongOwner | ErrorCode::AuthFailed => {
+            Error::AccessDenied {
+                reason: format!("refused by the target: {why}"),
+            }
+        }
+        ErrorCode::OutOfBounds => Error::OutOfBounds {
+            offset: p.remote_off,
+            len: p.len,
+            region_len: p.key_len,
+        },
+        ErrorCode::Revoked => Error::Revoked,
+        ErrorCode::Expired => Error::Expired,
+        ErrorCode::UnknownRegion => Error::UnknownRegion { region: 0 },
+        ErrorCode::Misaligned => Error::Misaligned {
+            offset: p.remote_off,
+        },
+        ErrorCode::TooLarge => Error::TooLarge {
+            what: "operation (refused by the target)",
+            len: p.len,
+            max: 0,
+        },
+        ErrorCode::Busy => Error::Busy(why),
+        ErrorCode::UnsupportedVersion | ErrorCode::Protocol | ErrorCode::Other => {
+            Error::Protocol(format!("the target reported: {why}"))
+        }
+    }
+}
+
+impl State {
+    fn arm_listeners(&mut self) {
+        for (i, l) in self.ctx.listeners.iter_mut().enumerate() {
+            if !l.armed {
+                if self
+                    .ctx
+                    .ring
+                    .accept(l.sock.as_raw_fd(), tag(i as u64, K_ACCEPT))
+                    .is_ok()
+                {
+                    l.armed = true;
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, shared: Arc<ConnShared>, sock: TcpStream) {
+        if shared.is_closed() {
+            return;
+        }
+        let peer = sock
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let id = shared.id;
+        let mut conn = Conn::new(id, sock, Some(shared), peer);
+        self.ctx.pump_rx(&mut conn);
+        self.conns.insert(id, conn);
+    }
+
+    fn admit(&mut self, shared: &Arc<ConnShared>, req: OpReq) {
+        match self.conns.get_mut(&shared.id) {
+            Some(conn) if conn.closing.is_none() => self.ctx.admit(conn, req),
+            _ => shared.finish(&req.done, Err(Error::lost(shared.close_reason()))),
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.ctx.dirty);
+        for id in &dirty {
+            if let Some(conn) = self.conns.get_mut(id) {
+                conn.in_dirty = false;
+                self.ctx.flush_tx(conn);
+            }
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.ctx.dirty.is_empty() {
+            self.ctx.dirty = dirty;
+        }
+    }
+
+    /// Handle every completion available; returns how many.
+    fn reap(&mut self) -> usize {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        self.ctx.ring.reap(&mut cqes);
+        let n = cqes.len();
+        for c in cqes.drain(..) {
+            self.on_cqe(c);
+        }
+        self.cqes = cqes;
+        if n > 0 {
+            self.remove_closed();
+        }
+        n
+    }
+
+    fn on_cqe(&mut self, c: Cqe) {
+        let id = c.tag >> 3;
+        match c.tag & 7 {
+            K_ACCEPT => self.on_accept(id as usize, c.res),
+            K_WAKE => self.ctx.wake_armed = false,
+            K_RECV => {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    self.ctx.on_recv(conn, c.res, c.held);
+                }
+            }
+            K_SEND => {
+                if let Some(conn) = self.conns.get_mut(&id) {
+                    self.ctx.on_send(conn, c.res, c.held);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_accept(&mut self, idx: usize, res: i32) {
+        if let Some(l) = self.ctx.listeners.get_mut(idx) {
+            l.armed = false;
+        }
+        let Some(fd) = sys::adopt_accepted(res) else {
+            let err = std::io::Error::from_raw_os_error(-res);
+            if res != -libc::EINVAL && res != -libc::ECANCELED {
+                tracing::warn!("accept failed: {err}; retrying");
+                self.ctx.rearm_accept = true;
+            }
+            return;
+        };
+        self.ctx.rearm_accept = true;
+        let sock = TcpStream::from(fd);
+        let peer = sock
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let core = &self.ctx.core;
+        if core.open_conns.load(Ordering::Relaxed) + self.handshaking()
+            >= core.config.max_connections
+        {
+            tracing::warn!(%peer, "refusing connection: at the limit of {} connections", core.config.max_connections);
+            core.counters.add(C::errors, 1);
+            return;
+        }
+        configure_socket(&sock, core);
+        let id = core.next_conn_id();
+        let mut conn = Conn::new(id, sock, None, peer);
+        conn.hs_deadline = Some(Instant::now() + core.config.connect_timeout);
+        self.ctx.pump_rx(&mut conn);
+        self.conns.insert(id, conn);
+        self.arm_listeners();
+    }
+
+    fn handshaking(&self) -> usize {
+        self.conns.values().filter(|c| c.shared.is_none()).count()
+    }
+
+    /// Drop connections that are closed and have nothing in flight.
+    fn remove_closed(&mut self) {
+        if self.ctx.closing.is_empty() {
+            return;
+        }
+        let conns = &mut self.conns;
+        self.ctx.closing.retain(|id| match conns.get(id) {
+            Some(c) if c.recv_busy || c.tx_busy => true,
+            Some(_) => {
+                conns.remove(id);
+                false
+            }
+            None => false,
+        });
+    }
+
+    fn maybe_tick(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.ctx.last_tick) < TICK {
+            return;
+        }
+        self.ctx.last_tick = now;
+        if self.ctx.rearm_accept {
+            self.ctx.rearm_accept = false;
+            self.arm_listeners();
+        }
+        let ctx = &mut self.ctx;
+        for conn in self.conns.values_mut() {
+            if conn.closing.is_some() {
+                continue;
+            }
+            if let Some(d) = conn.hs_deadline
+                && conn.shared.is_none()
+                && now >= d
+            {
+                ctx.fail_conn(conn, "handshake timed out".into(), true);
+                continue;
+            }
+            ctx.expire(conn, now);
+            if conn.rx_stalled && ctx.has_room(conn) {
+                conn.rx_stalled = false;
+                ctx.pump_rx(conn);
+            }
+        }
+        if !self.ctx.dirty.is_empty() {
+            self.flush_dirty();
+        }
+        self.remove_closed();
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        for conn in self.conns.values_mut() {
+            self.ctx.fail_conn(conn, reason.to_string(), false);
+        }
+    }
+}
+
+impl Ctx {
+    fn has_room(&self, conn: &Conn) -> bool {
+        conn.shared
+            .as_ref()
+            .is_none_or(|s| s.inbox.has_room() && s.notes.has_room())
+    }
+
+    fn mark_dirty(&mut self, conn: &mut Conn) {
+        if !conn.in_dirty {
+            conn.in_dirty = true;
+            self.dirty.push(conn.id);
+        }
+    }
+
+    fn queue(&mut self, conn: &mut Conn, h: Header, payload: Option<Buf>) {
+        if conn.closing.is_some() {
+            return;
+        }
+        let mut hdr = [0u8; MAX_HEADER_LEN];
+        let n = h.encode(&mut hdr);
+        conn.txq.push_back(Tx {
+            hdr,
+            hdr_len: n as u8,
+            payload,
+        });
+        self.mark_dirty(conn);
+    }
+
+    fn queue_error(&mut self, conn: &mut Conn, op_id: u64, code: ErrorCode, why: &str) {
+        let mut text = why.as_bytes().to_vec();
+        text.truncate(MAX_ERROR_PAYLOAD as usize);
+        let h = Header {
+            op_id,
+            payload_len: text.len() as u32,
+            body: Body::Error { code },
+        };
+        let payload = (!text.is_empty()).then_some(Buf::Heap(text));
+        self.queue(conn, h, payload);
+    }
+
+    // ---- initiator side ----
+
+    fn admit(&mut self, conn: &mut Conn, req: OpReq) {
+        if conn.fence.is_some() || !conn.held.is_empty() {
+            conn.held.push_back(req);
+            return;
+        }
+        if matches!(req.kind, OpKind::Fence) {
+            if conn.pending.is_empty() {
+                if let Some(s) = &conn.shared {
+                    s.finish(&req.done, Ok(0));
+                }
+            } else {
+                conn.fence = Some(req);
+            }
+            return;
+        }
+        self.issue(conn, req);
+    }
+
+    fn issue(&mut self, conn: &mut Conn, req: OpReq) {
+        let op_id = self.next_op;
+        self.next_op += 1;
+        let OpReq {
+            kind,
+            done,
+            deadline,
+            key_len,
+        } = req;
+        let (h, payload, pk, remote_off, len) = match kind {
+            OpKind::Write {
+                local,
+                target,
+                notify,
+            } => {
+                let len = local.len() as u64;
+                (
+                    Header {
+                        op_id,
+                        payload_len: len as u32,
+                        body: Body::Write {
+                            target,
+                            op_len: len,
+                            op_off: 0,
+                            notify,
+                        },
+                    },
+                    (len > 0).then_some(Buf::Region(local)),
+                    PKind::Write,
+                    target.offset,
+                    len,
+                )
+            }
+            OpKind::Read { local, target } => {
+                let len = local.len() as u64;
+                (
+                    Header {
+                        op_id,
+                        payload_len: 0,
+                        body: Body::Read { target, len },
+                    },
+                    None,
+                    PKind::Read(local),
+                    target.offset,
+                    len,
+                )
+            }
+            OpKind::Cas {
+                target,
+                expected,
+                new,
+            } => (
+                Header {
+                    op_id,
+                    payload_len: 0,
+                    body: Body::Cas {
+                        target,
+                        expected,
+                        new,
+                    },
+                },
+                None,
+                PKind::Atomic,
+                target.offset,
+                8,
+            ),
+            OpKind::Faa { target, add } => (
+                Header {
+                    op_id,
+                    payload_len: 0,
+                    body: Body::Faa { target, add },
+                },
+                None,
+                PKind::Atomic,
+                target.offset,
+                8,
+            ),
+            OpKind::Send { data } => {
+                let len = data.len() as u64;
+                (
+                    Header {
+                        op_id,
+                        payload_len: len as u32,
+                        body: Body::Send {
+                            msg_len: len,
+                            msg_off: 0,
+                        },
+                    },
+                    (len > 0).then_some(Buf::Heap(data)),
+                    PKind::Send,
+                    0,
+                    len,
+                )
+            }
+            OpKind::Fence => unreachable!("fences are handled in admit"),
+        };
+        self.queue(conn, h, payload);
+        conn.pending.insert(
+            op_id,
+            Pending {
+                done,
+                kind: pk,
+                remote_off,
+                len,
+                key_len,
+            },
+        );
+        conn.timeouts.push_back((deadline, op_id));
+    }
+
+    fn complete(&mut self, conn: &mut Conn, op_id: u64, r: Result<u64>) -> bool {
+        let Some(p) = conn.pending.remove(&op_id) else {
+            return false;
+        };
+        if let Some(s) = &conn.shared {
+            if r.is_ok() {
+                match p.kind {
+                    PKind::Write => s.count(C::bytes_written, p.len),
+                    PKind::Read(_) => s.count(C::bytes_read, p.len),
+                    PKind::Send => {
+                        s.count(C::messages_sent, 1);
+                        s.count(C::message_bytes_sent, p.len);
+                    }
+                    PKind::Atomic => {}
+                }
+            }
+            s.finish(&p.done, r);
+        }
+        self.release_fence(conn);
+        true
+    }
+
+    /// Once everything before an active fence is done, complete it and issue what it held.
+    fn release_fence(&mut self, conn: &mut Conn) {
+        while conn.fence.is_some() && conn.pending.is_empty() {
+            if let (Some(f), Some(s)) = (conn.fence.take(), &conn.shared) {
+                s.finish(&f.done, Ok(0));
+            }
+            while let Some(r) = conn.held.pop_front() {
+                if matches!(r.kind, OpKind::Fence) {
+                    if conn.pending.is_empty() {
+                        if let Some(s) = &conn.shared {
+                            s.finish(&r.done, Ok(0));
+                        }
+                        continue;
+                    }
+                    conn.fence = Some(r);
+                    break;
+                }
+                self.issue(conn, r);
+            }
+        }
+    }
+
+    fn expire(&mut self, conn: &mut Conn, now: Instant) {
+        let after = self.core.config.op_timeout;
+        while let Some(&(d, op_id)) = conn.timeouts.front() {
+            if d > now {
+                break;
+            }
+            conn.timeouts.pop_front();
+            if conn.pending.contains_key(&op_id) {
+                tracing::debug!(conn = conn.id, op_id, "operation timed out");
+                self.complete(conn, op_id, Err(Error::Timeout { after }));
+            }
+        }
+        // Deadlines grow with submission order, so ops held behind a fence (and the
+        // fence itself) can only expire after everything before them has completed or
+        // expired, which releases them; nothing else needs checking here.
+    }
+
+    // ---- receive path ----
+
+    fn arm_recv_stage(&mut self, conn: &mut Conn) {
+        let Some(mut stage) = conn.stage.take() else {
+            return;
+        };
+        if conn.lo == conn.hi {
+            conn.lo = 0;
+            conn.hi = 0;
+        } else if conn.hi == STAGE_LEN || conn.lo + MAX_HEADER_LEN > STAGE_LEN {
+            stage.copy_within(conn.lo..conn.hi, 0);
+            conn.hi -= conn.lo;
+            conn.lo = 0;
+        }
+        let (start, len) = (conn.hi, STAGE_LEN - conn.hi);
+        match self.ring.recv(
+            conn.fd(),
+            Buf::Heap(stage),
+            start,
+            len,
+            false,
+            tag(conn.id, K_RECV),
+        ) {
+            Ok(()) => {
+                conn.recv_busy = true;
+                conn.recv_into = RecvInto::Stage;
+            }
+            Err(e) => self.fail_conn(conn, format!("cannot queue recv: {e}"), false),
+        }
+    }
+
+    fn arm_recv_direct(&mut self, conn: &mut Conn, buf: Buf, start: usize, len: usize) {
+        match self
+            .ring
+            .recv(conn.fd(), buf, start, len, true, tag(conn.id, K_RECV))
+        {
+            Ok(()) => {
+                conn.recv_busy = true;
+                conn.recv_into = RecvInto::Direct;
+            }
+            Err(e) => self.fail_conn(conn, format!("cannot queue recv: {e}"), false),
+        }
+    }
+
+    fn on_recv(&mut self, conn: &mut Conn, res: i32, held: Held) {
+        conn.recv_busy = false;
+        let n = match res {
+            r if r > 0 => r as usize,
+            0 => {
+                let why = if conn.pending.is_empty() && matches!(conn.rx, Rx::Header) {
+                    "the peer closed the connection".to_string()
+                } else {
+                    "the peer closed the connection with operations in flight".to_string()
+                };
+                if let Held::Buf(Buf::Heap(v)) = held
+                    && conn.recv_into == RecvInto::Stage
+                {
+                    conn.stage = Some(v);
+                }
+                self.fail_conn(conn, why, false);
+                return;
+            }
+            r => {
+                let e = std::io::Error::from_raw_os_error(-r);
+                self.fail_conn(conn, format!("recv failed: {e}"), false);
+                return;
+            }
+        };
+        match (conn.recv_into, held) {
+            (RecvInto::Stage, Held::Buf(Buf::Heap(v))) => {
+                conn.stage = Some(v);
+                conn.hi += n;
+            }
+            (RecvInto::Direct, Held::Buf(b)) => {
+                if let Rx::Payload { dst, got, .. } = &mut conn.rx {
+                    *got += n;
+                    if let (Dst::Heap(slot), Buf::Heap(v)) = (dst, b) {
+                        *slot = Some(v);
+                    }
+                }
+            }
+            _ => {
+                self.fail_conn(conn, "internal: unexpected recv completion".into(), false);
+                return;
+            }
+        }
+        if conn.closing.is_none() {
+            self.pump_rx(conn);
+        }
+    }
+
+    /// Decode and execute everything the staging buffer holds, then arm the next recv.
+    fn pump_rx(&mut self, conn: &mut Conn) {
+        loop {
+            if conn.closing.is_some() || conn.recv_busy || conn.rx_stalled {
+                return;
+            }
+            match &mut conn.rx {
+                Rx::Header => {
+                    let Some(stage) = conn.stage.as_ref() else {
+                        return;
+                    };
+                    let r = Header::decode(&stage[conn.lo..conn.hi], &self.limits);
+                    match r {
+                        Ok((h, n)) => {
+                            if self.needs_room(&h) && !self.has_room(conn) {
+                                conn.rx_stalled = true;
+                                self.stalled.push(conn.id);
+                                return;
+                            }
+                            conn.lo += n;
+                            self.on_header(conn, h);
+                        }
+                        Err(e) if e.is_incomplete() => {
+                            self.arm_recv_stage(conn);
+                            return;
+                        }
+                        Err(e) => {
+                            self.protocol_error(conn, format!("malformed message: {e}"));
+                            return;
+                        }
+                    }
+                }
+                Rx::Payload { dst, len, got, .. } => {
+                    let avail = conn.hi - conn.lo;
+                    let take = avail.min(*len - *got);
+                    if take > 0 {
+                        if let Some(stage) = conn.stage.as_ref() {
+                            let src = &stage[conn.lo..conn.lo + take];
+                            match dst {
+                                Dst::Region(s) => {
+                                    let _ = s.copy_in(*got, src);
+                                }
+                                Dst::Heap(Some(v)) => v[*got..*got + take].copy_from_slice(src),
+                                Dst::Heap(None) | Dst::Discard => {}
+                            }
+                        }
+                        conn.lo += take;
+                        *got += take;
+                    }
+                    if *got == *len {
+                        let Rx::Payload { dst, then, .. } =
+                            std::mem::replace(&mut conn.rx, Rx::Header)
+                        else {
+                            unreachable!()
+                        };
+                        self.on_payload(conn, dst, then);
+                        continue;
+                    }
+                    let remaining = *len - *got;
+                    let start = *got;
+                    if remaining >= DIRECT_MIN {
+                        match dst {
+                            Dst::Region(s) => {
+                                let buf = Buf::Region(s.clone());
+                                let end = start + remaining;
+                                self.arm_recv_direct(conn, buf, start, end - start);
+                                return;
+                            }
+                            Dst::Heap(v) => {
+                                if let Some(v) = v.take() {
+                                    self.arm_recv_direct(conn, Buf::Heap(v), start, remaining);
+                                    return;
+                                }
+                            }
+                            Dst::Discard => {}
+                        }
+                    }
+                    self.arm_recv_stage(conn);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether handling this header needs room in an application queue.
+    fn needs_room(&self, h: &Header) -> bool {
+        matches!(
+            h.body,
+            Body::Send { .. }
+                | Body::Write {
+                    notify: Some(_),
+                    ..
+                }
+        )
+    }
+
+    fn expect_payload(conn: &mut Conn, h: &Header, dst: Dst, then: Then) {
+        conn.rx = Rx::Payload {
+            dst,
+            len: h.payload_len as usize,
+            got: 0,
+            then,
+        };
+    }
+
+    fn protocol_error(&mut self, conn: &mut Conn, why: String) {
+        tracing::warn!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
+        if let Some(s) = &conn.shared {
+            s.count(C::protocol_errors, 1);
+            s.count(C::errors, 1);
+        } else {
+            self.core.counters.add(C::protocol_errors, 1);
+            self.core.counters.add(C::errors, 1);
+        }
+        self.queue_error(conn, 0, ErrorCode::Protocol, &why);
+        conn.close_after_flush = Some(why.clone());
+        self.flush_tx(conn);
+        if !conn.tx_busy {
+            self.fail_conn(conn, why, true);
+        } else {
+            // Stop reading; the connection closes when the error has gone out.
+            conn.rx_stalled = true;
+        }
+    }
+
+    fn on_header(&mut self, conn: &mut Conn, h: Header) {
+        let Some(shared) = conn.shared.clone() else {
+            return self.on_handshake(conn, h);
+        };
+        let op_id = h.op_id;
+        match h.body {
+            Body::Hello { .. } | Body::HelloAck { .. } => {
+                self.protocol_error(conn, "HELLO on an established connection".into())
+            }
+            Body::Write {
+                target,
+                op_len,
+                op_off,
+                notify,
+            } => {
+                let plen = u64::from(h.payload_len);
+                let last = op_off + plen == op_len;
+                if op_len != plen || op_off != 0 {
+                    return self
+                        .protocol_error(conn, "segmented WRITE on a stream connection".into());
+                }
+                match self
+                    .core
+                    .regions
+                    .authorize(&target, Rights::WRITE, plen, false)
+                {
+                    Ok(slice) => {
+                        let notify = notify.map(|imm| Notification {
+                            region: target.region,
+                            offset: target.offset,
+                            len: op_len,
+                            imm,
+                        });
+                        Self::expect_payload(
+                            conn,
+                            &h,
+                            Dst::Region(slice),
+                            Then::Placed {
+                                op_id,
+                                last,
+                                notify,
+                                bytes: plen,
+                            },
+                        );
+                    }
+                    Err(refusal) => {
+                        shared.count(C::remote_ops_refused, 1);
+                        tracing::debug!(conn = conn.id, "refused write: {}", refusal.why);
+                        self.queue_error(conn, op_id, refusal.code, &refusal.why);
+                        Self::expect_payload(conn, &h, Dst::Discard, Then::Dropped);
+                    }
+                }
+            }
+            Body::Read { target, len } => {
+                if len > u64::from(self.limits.max_payload) {
+                    shared.count(C::remote_ops_refused, 1);
+                    let why = format!(
+                        "read of {len} bytes exceeds this endpoint's limit of {}",
+                        self.limits.max_payload
+                    );
+                    return self.queue_error(conn, op_id, ErrorCode::TooLarge, &why);
+                }
+                match self
+                    .core
+                    .regions
+                    .authorize(&target, Rights::READ, len, false)
+                {
+                    Ok(slice) => {
+                        shared.count(C::remote_ops_served, 1);
+                        shared.count(C::bytes_served, len);
+                        let resp = Header {
+                            op_id,
+                            payload_len: len as u32,
+                            body: Body::ReadResp {
+                                op_len: len,
+                                op_off: 0,
+                            },
+                        };
+                        self.queue(conn, resp, (len > 0).then_some(Buf::Region(slice)));
+                    }
+                    Err(refusal) => {
+                        shared.count(C::remote_ops_refused, 1);
+                        self.queue_error(conn, op_id, refusal.code, &refusal.why);
+                    }
+                }
+            }
+            Body::ReadResp { op_len, op_off } => {
+                let plen = u64::from(h.payload_len);
+                let dst = match conn.pending.get(&op_id) {
+                    Some(Pending {
+                        kind: PKind::Read(local),
+                        len,
+                        ..
+                    }) if *len == op_len => local.sub(op_off, plen),
+                    Some(_) => {
+                        return self.protocol_error(
+                            conn,
+                            format!("READ_RESP for op {op_id} does not match the read"),
+                        );
+                    }
+                    None => None,
+                };
+                match dst {
+                    Some(s) => Self::expect_payload(
+                        conn,
+                        &h,
+                        Dst::Region(s),
+                        Then::ReadData {
+                            op_id,
+                            last: op_off + plen == op_len,
+                        },
+                    ),
+                    None => {
+                        // A late answer to a read that already timed out: discard.
+                        Self::expect_payload(conn, &h, Dst::Discard, Then::Dropped)
+                    }
+                }
+            }
+            Body::Cas {
+                target,
+                expected,
+                new,
+            } => self.atomic(conn, &shared, op_id, &target, |a| cas(a, expected, new)),
+            Body::Faa { target, add } => {
+                self.atomic(conn, &shared, op_id, &target, |a| faa(a, add))
+            }
+            Body::AtomicResp { old } => match conn.pending.get(&op_id).map(|p| &p.kind) {
+                Some(PKind::Atomic) => {
+                    self.complete(conn, op_id, Ok(old));
+                }
+                Some(_) => self.protocol_error(
+                    conn,
+                    format!("ATOMIC_RESP for op {op_id}, which is not an atomic"),
+                ),
+                None => shared.count(C::drops, 1),
+            },
+            Body::Send { msg_len, msg_off } => {
+                let plen = h.payload_len as usize;
+                if msg_off != 0 || msg_len != plen as u64 {
+                    return self
+                        .protocol_error(conn, "segmented SEND on a stream connection".into());
+                }
+                if plen > self.core.config.max_message_size {
+                    let why = format!(
+                        "message of {plen} bytes exceeds the limit of {}",
+                        self.core.config.max_message_size
+                    );
+                    self.queue_error(conn, op_id, ErrorCode::TooLarge, &why);
+                    return Self::expect_payload(conn, &h, Dst::Discard, Then::Dropped);
+                }
+                Self::expect_payload(
+                    conn,
+                    &h,
+                    Dst::Heap(Some(vec![0u8; plen])),
+                    Then::Message { op_id },
+                );
+            }
+            Body::Ack => match conn.pending.get(&op_id).map(|p| &p.kind) {
+                Some(PKind::Write) | Some(PKind::Send) => {
+                    self.complete(conn, op_id, Ok(0));
+                }
+                Some(_) => {
+                    self.protocol_error(conn, format!("ACK for op {op_id}, which expects data"))
+                }
+                None => shared.count(C::drops, 1),
+            },
+            Body::Error { code } => {
+                let then = Then::ErrorText { op_id, code };
+                if h.payload_len == 0 {
+                    self.on_payload(conn, Dst::Heap(Some(Vec::new())), then);
+                } else {
+                    let v = vec![0u8; h.payload_len as usize];
+                    Self::expect_payload(conn, &h, Dst::Heap(Some(v)), then);
+                }
+            }
+            Body::Ping => {
+                let pong = Header {
+                    op_id,
+                    payload_len: 0,
+                    body: Body::Pong,
+                };
+                self.queue(conn, pong, None);
+            }
+            Body::Pong => {}
+            Body::Goodbye { .. } => {
+                self.fail_conn(conn, "the peer closed the connection".into(), false)
+            }
+        }
+    }
+
+    fn atomic(
+        &mut self,
+        conn: &mut Conn,
+        shared: &ConnShared,
+        op_id: u64,
+        target: &Target,
+        f: impl FnOnce(&std::sync::atomic::AtomicU64) -> u64,
+    ) {
+        match self.core.regions.authorize(target, Rights::ATOMIC, 8, true) {
+            Ok(slice) => match slice.mem().atomic_u64(slice.offset() as u64) {
+                Ok(a) => {
+                    let old = f(a);
+                    shared.count(C::remote_ops_served, 1);
+                    let h = Header {
+                        op_id,
+                        payload_len: 0,
+                        body: Body::AtomicResp { old },
+                    };
+                    self.queue(conn, h, None);
+                }
+                Err(e) => {
+                    shared.count(C::remote_ops_refused, 1);
+                    self.queue_error(conn, op_id, ErrorCode::Misaligned, &e.to_string());
+                }
+            },
+            Err(refusal) => {
+                shared.count(C::remote_ops_refused, 1);
+                self.queue_error(conn, op_id, refusal.code, &refusal.why);
+            }
+        }
+    }
+
+    fn on_handshake(&mut self, conn: &mut Conn, h: Header) {
+        let Body::Hello {
+            min_version,
+            max_version,
+            endpoint,
+            max_payload,
+            features: _,
+        } = h.body
+        else {
+            return self.protocol_error(conn, format!("expected HELLO, got {:?}", h.body.opcode()));
+        };
+        let version = max_version.min(wire::MAX_VERSION);
+        if version < min_version.max(wire::MIN_VERSION) {
+            let why = format!(
+                "no common wire version: the peer speaks {min_version}..={max_version}, \
+                 this endpoint {}..={}",
+                wire::MIN_VERSION,
+                wire::MAX_VERSION
+            );
+            tracing::warn!(peer = %conn.peer, "{why}");
+            self.queue_error(conn, 0, ErrorCode::UnsupportedVersion, &why);
+            conn.close_after_flush = Some(why);
+            return;
+        }
+        // Peer authentication hook: the HELLO payload (up to MAX_HELLO_PAYLOAD bytes) is
+        // reserved for a challenge-response; this version accepts every peer and
+        // discards it.
+        debug_assert!(h.payload_len <= MAX_HELLO_PAYLOAD);
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let engine: Arc<dyn Engine> = me;
+        let local = conn
+            .sock
+            .local_addr()
+            .map(Address::Tcp)
+            .unwrap_or_else(|_| Address::Tcp(conn.peer));
+        let shared = ConnShared::new(
+            conn.id,
+            self.core.clone(),
+            engine,
+            endpoint,
+            local,
+            Address::Tcp(conn.peer),
+            max_payload,
+        );
+        conn.hs_version = version;
+        let ack = Header {
+            op_id: 0,
+            payload_len: 0,
+            body: Body::HelloAck {
+                version,
+                endpoint: self.core.id,
+                max_payload: self.limits.max_payload,
+                features: 0,
+            },
+        };
+        conn.shared = Some(shared.clone());
+        conn.hs_deadline = None;
+        if let Err(shared) = self.core.accepted.push(shared) {
+            let why = "too many connections waiting to be accepted".to_string();
+            conn.shared = None;
+            shared.mark_closed(&why);
+            tracing::warn!(peer = %conn.peer, "refusing connection: {why}");
+            self.queue_error(conn, 0, ErrorCode::Busy, &why);
+            conn.close_after_flush = Some(why);
+            return;
+        }
+        self.queue(conn, ack, None);
+        tracing::debug!(peer = %conn.peer, conn = conn.id, "accepted");
+        if h.payload_len > 0 {
+            Self::expect_payload(conn, &h, Dst::Discard, Then::HelloPayload);
+        }
+    }
+
+    fn on_payload(&mut self, conn: &mut Conn, dst: Dst, then: Then) {
+        let Some(shared) = conn.shared.clone() else {
+            return;
+        };
+        match then {
+            Then::Placed {
+                op_id,
+                last,
+                notify,
+                bytes,
+            } => {
+                shared.count(C::bytes_placed, bytes);
+                if last {
+                    shared.count(C::remote_ops_served, 1);
+                    if let Some(n) = notify {
+                        // Room was checked before the header was consumed.
+                        let _ = shared.notes.push(n);
+                        shared.count(C::notifications, 1);
+                    }
+                    let ack = Header {
+                        op_id,
+                        payload_len: 0,
+                        body: Body::Ack,
+                    };
+                    self.queue(conn, ack, None);
+                }
+            }
+            Then::ReadData { op_id, last } => {
+                if last {
+                    self.complete(conn, op_id, Ok(0));
+                }
+            }
+            Then::Message { op_id } => {
+                let Dst::Heap(Some(v)) = dst else {
+                    return;
+                };
+                shared.count(C::messages_received, 1);
+                shared.count(C::message_bytes_received, v.len() as u64);
+                let _ = shared.inbox.push(v);
+                let ack = Header {
+                    op_id,
+                    payload_len: 0,
+                    body: Body::Ack,
+                };
+                self.queue(conn, ack, None);
+            }
+            Then::ErrorText { op_id, code } => {
+                let text = match dst {
+                    Dst::Heap(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
+                    _ => String::new(),
+                };
+                if op_id == 0 {
+                    let why = format!("the peer closed the connection: {code:?}: {text}");
+                    return self.fail_conn(conn, why, true);
+                }
+                let err = match conn.pending.get(&op_id) {
+                    Some(p) => remote_error(code, text, p),
+                    None => {
+                        shared.count(C::drops, 1);
+                        return;
+                    }
+                };
+                self.complete(conn, op_id, Err(err));
+            }
+            Then::Dropped => shared.count(C::drops, 1),
+            Then::HelloPayload => {}
+        }
+    }
+
+    // ---- send path ----
+
+    fn flush_tx(&mut self, conn: &mut Conn) {
+        if conn.tx_busy || conn.txq.is_empty() || conn.closing.is_some() {
+            return;
+        }
+        let mut g = conn.spare.take().unwrap_or_default();
+        g.bufs.clear();
+        g.segs.clear();
+        let mut arena = std::mem::take(&mut conn.arena);
+        arena.clear();
+        // Headers go into the arena (buffer 0); payloads follow as their own buffers.
+        g.bufs.push(Buf::Heap(Vec::new()));
+        let mut n = 0;
+        while n < MAX_BATCH {
+            let Some(tx) = conn.txq.pop_front() else {
+                break;
+            };
+            n += 1;
+            let start = arena.len();
+            arena.extend_from_slice(&tx.hdr[..tx.hdr_len as usize]);
+            g.segs.push(Seg {
+                buf: 0,
+                start,
+                len: tx.hdr_len as usize,
+            });
+            if let Some(p) = tx.payload {
+                let len = p.len();
+                g.bufs.push(p);
+                g.segs.push(Seg {
+                    buf: (g.bufs.len() - 1) as u32,
+                    start: 0,
+                    len,
+                });
+            }
+        }
+        g.bufs[0] = Buf::Heap(arena);
+        conn.tx_sent = 0;
+        match self.ring.sendmsg(conn.fd(), g, 0, tag(conn.id, K_SEND)) {
+            Ok(()) => conn.tx_busy = true,
+            Err(e) => self.fail_conn(conn, format!("cannot queue sendmsg: {e}"), false),
+        }
+    }
+
+    fn on_send(&mut self, conn: &mut Conn, res: i32, held: Held) {
+        conn.tx_busy = false;
+        let Held::Gather(mut g) = held else {
+            return;
+        };
+        if res <= 0 {
+            if conn.closing.is_none() {
+                let why = if res == 0 {
+                    "send made no progress".to_string()
+                } else {
+                    format!("send failed: {}", std::io::Error::from_raw_os_error(-res))
+                };
+                self.fail_conn(conn, why, false);
+            }
+            return;
+        }
+        conn.tx_sent += res as usize;
+        if conn.tx_sent < g.total() && conn.closing.is_none() {
+            let sent = conn.tx_sent;
+            match self.ring.sendmsg(conn.fd(), g, sent, tag(conn.id, K_SEND)) {
+                Ok(()) => conn.tx_busy = true,
+                Err(e) => self.fail_conn(conn, format!("cannot queue sendmsg: {e}"), false),
+            }
+            return;
+        }
+        // Everything went out: recycle the arena and the lists, release the payloads.
+        if let Some(Buf::Heap(a)) = g.bufs.drain(..).next() {
+            conn.arena = a;
+        }
+        g.segs.clear();
+        conn.spare = Some(g);
+        if let Some(why) = conn.close_after_flush.take() {
+            self.fail_conn(conn, why, true);
+            return;
+        }
+        if !conn.txq.is_empty() {
+            self.mark_dirty(conn);
+        }
+    }
+
+    // ---- teardown ----
+
+    /// Close a connection: fail everything pending on it with `reason`, shut the socket
+    /// so operations in flight finish, and let `remove_closed` drop it.
+    fn fail_conn(&mut self, conn: &mut Conn, reason: String, logged: bool) {
+        if conn.closing.is_some() {
+            return;
+        }
+        if !logged {
+            tracing::debug!(peer = %conn.peer, conn = conn.id, "connection closed: {reason}");
+        }
+        conn.closing = Some(reason.clone());
+        if let Some(s) = conn.shared.clone() {
+            s.mark_closed(&reason);
+            let err = || Error::lost(reason.clone());
+            for (_, p) in conn.pending.drain() {
+                s.finish(&p.done, Err(err()));
+            }
+            if let Some(f) = conn.fence.take() {
+                s.finish(&f.done, Err(err()));
+            }
+            for r in conn.held.drain(..) {
+                s.finish(&r.done, Err(err()));
+            }
+        }
+        conn.timeouts.clear();
+        conn.txq.clear();
+        sys::shutdown(conn.fd());
+        self.closing.push(conn.id);
+    }
+}

@@ -1,0 +1,830 @@
+//! Endpoints and connections: the public face of the transport.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::addr::{Address, BackendKind};
+use crate::backend::{Engine, OpKind, OpReq, tcp::TcpEngine};
+use crate::config::{EndpointConfig, Progress};
+use crate::error::{Error, Result};
+use crate::key::{RegionKey, Rights};
+use crate::op::{Completion, Driver, Mailbox, Op};
+use crate::region::{Region, RegionTable};
+use crate::stats::{C, Counters, Stats};
+use crate::sys::mem::Mem;
+use crate::wire::Target;
+
+/// State shared by an endpoint, its engines and its connections.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) id: u64,
+    pub(crate) config: EndpointConfig,
+    pub(crate) regions: Arc<RegionTable>,
+    pub(crate) counters: Counters,
+    pub(crate) accepted: Mailbox<Arc<ConnShared>>,
+    next_conn: AtomicU64,
+    pub(crate) open_conns: AtomicUsize,
+}
+
+impl Core {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A write notification: the target's side of `write_with_notify`, delivered after the
+/// written bytes are in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notification {
+    /// The region written.
+    pub region: u64,
+    /// Where the write started.
+    pub offset: u64,
+    /// How many bytes it placed.
+    pub len: u64,
+    /// The value the writer attached.
+    pub imm: u32,
+}
+
+/// State of one connection shared by its handle and its engine.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    pub(crate) id: u64,
+    pub(crate) core: Arc<Core>,
+    pub(crate) driver: Driver,
+    pub(crate) backend: BackendKind,
+    pub(crate) peer_id: u64,
+    pub(crate) local_addr: Address,
+    pub(crate) peer_addr: Address,
+    /// Largest payload the peer accepts in one message.
+    pub(crate) peer_max_payload: u32,
+    pub(crate) inflight: AtomicUsize,
+    pub(crate) counters: Counters,
+    pub(crate) inbox: Mailbox<Vec<u8>>,
+    pub(crate) notes: Mailbox<Notification>,
+    closed: AtomicBool,
+    close_reason: Mutex<Option<String>>,
+}
+
+impl ConnShared {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        core: Arc<Core>,
+        engine: Arc<dyn Engine>,
+        peer_id: u64,
+        local_addr: Address,
+        peer_addr: Address,
+        peer_max_payload: u32,
+    ) -> Arc<ConnShared> {
+        let cap = core.config.max_incoming;
+        let driver = Driver::new(
+            Arc::from(vec![engine.clone()]),
+            &core.config.progress,
+            core.config.wait,
+        );
+        let c = Arc::new(ConnShared {
+            id,
+            backend: engine.kind(),
+            driver,
+            peer_id,
+            local_addr,
+            peer_addr,
+            peer_max_payload,
+            inflight: AtomicUsize::new(0),
+            counters: Counters::default(),
+            inbox: Mailbox::new(cap),
+            notes: Mailbox::new(cap),
+            closed: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+            core,
+        });
+        c.count(C::connections_opened, 1);
+        c.core.open_conns.fetch_add(1, Ordering::Relaxed);
+        c
+    }
+
+    /// Add to a counter of this connection and of its endpoint.
+    #[inline]
+    pub(crate) fn count(&self, c: C, n: u64) {
+        self.counters.add(c, n);
+        self.core.counters.add(c, n);
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<dyn Engine> {
+        &self.driver.engines[0]
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn close_reason(&self) -> String {
+        self.close_reason
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "connection closed".into())
+    }
+
+    /// Mark closed (first reason wins) and close the mailboxes. Returns whether this call
+    /// closed it.
+    pub(crate) fn mark_closed(&self, reason: &str) -> bool {
+        {
+            let mut g = self.close_reason.lock().expect("close lock poisoned");
+            if g.is_some() {
+                return false;
+            }
+            *g = Some(reason.to_string());
+        }
+        self.closed.store(true, Ordering::Release);
+        self.inbox.close(reason);
+        self.notes.close(reason);
+        self.count(C::connections_closed, 1);
+        self.core.open_conns.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Complete an operation and account for it.
+    pub(crate) fn finish(&self, done: &Completion, r: Result<u64>) {
+        match &r {
+            Ok(_) => self.count(C::ops_completed, 1),
+            Err(e) => {
+                self.count(C::ops_failed, 1);
+                self.count(C::errors, 1);
+                if matches!(e, Error::Timeout { .. }) {
+                    self.count(C::ops_timed_out, 1);
+                }
+            }
+        }
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        done.complete(r);
+    }
+}
+
+struct EndpointInner {
+    core: Arc<Core>,
+    engines: Vec<Arc<dyn Engine>>,
+    driver: Driver,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for EndpointInner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for e in &self.engines {
+            e.wake();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("thread list poisoned"));
+        for t in threads {
+            let _ = t.join();
+        }
+        for e in &self.engines {
+            e.shutdown();
+        }
+        for c in self.core.accepted.drain() {
+            c.mark_closed("endpoint closed");
+        }
+    }
+}
+
+/// A PacketFS endpoint: listens and connects, owns registered regions, and runs the
+/// progress engine of each backend.
+///
+/// Dropping the last handle (endpoints are cheap to clone) closes every connection:
+/// pending operations fail with `ConnectionLost`.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<EndpointInner>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &format_args!("{:016x}", self.inner.core.id))
+            .field("addrs", &self.local_addrs())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Start an endpoint: bind its listen addresses and start its progress engines.
+    pub fn bind(config: EndpointConfig) -> Result<Endpoint> {
+        config.validate()?;
+        let mut id_bytes = [0u8; 8];
+        getrandom::fill(&mut id_bytes).map_err(|e| Error::Io {
+            call: "getrandom",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let id = u64::from_le_bytes(id_bytes) | 1;
+        let mut tcp_listen = Vec::new();
+        for a in &config.listen {
+            let sel = crate::addr::select(a);
+            match sel.chosen {
+                Some(BackendKind::Tcp) => tcp_listen.push(a.socket_addr()),
+                _ => {
+                    return Err(Error::Unsupported {
+                        reason: format!("cannot listen on {a}: {sel}"),
+                    });
+                }
+            }
+        }
+        let core = Arc::new(Core {
+            id,
+            regions: RegionTable::new(id),
+            counters: Counters::default(),
+            accepted: Mailbox::new(config.max_pending_accepts),
+            next_conn: AtomicU64::new(1),
+            open_conns: AtomicUsize::new(0),
+            config,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let tcp = TcpEngine::new(core.clone(), &tcp_listen)?;
+        let engines: Vec<Arc<dyn Engine>> = vec![tcp.clone()];
+        match core.config.progress.clone() {
+            Progress::Caller => tcp.init_ring(false)?,
+            Progress::Thread { cpu } => {
+                threads.push(spawn_progress(
+                    tcp.clone(),
+                    stop.clone(),
+                    cpu,
+                    core.config.wait == crate::config::WaitMode::BusyPoll,
+                )?);
+            }
+        }
+        let driver = Driver::new(
+            Arc::from(engines.clone()),
+            &core.config.progress,
+            core.config.wait,
+        );
+        tracing::debug!(endpoint = %format_args!("{id:016x}"), "endpoint up");
+        Ok(Endpoint {
+            inner: Arc::new(EndpointInner {
+                core,
+                engines,
+                driver,
+                stop,
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    /// This endpoint's id (random, printed in hex in logs; the `owner` of its keys).
+    pub fn id(&self) -> u64 {
+        self.inner.core.id
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EndpointConfig {
+        &self.inner.core.config
+    }
+
+    /// Addresses it listens on, with the real ports.
+    pub fn local_addrs(&self) -> Vec<Address> {
+        self.inner
+            .engines
+            .iter()
+            .flat_map(|e| e.local_addrs())
+            .collect()
+    }
+
+    /// One line per engine on how it is set up (io_uring flags, threads).
+    pub fn describe(&self) -> Vec<String> {
+        self.inner.engines.iter().map(|e| e.describe()).collect()
+    }
+
+    /// Connect to a peer: `tcp://host:port`, or `auto://host:port` to let the transport
+    /// choose (see [`select`](crate::select)).
+    pub fn connect(&self, addr: &str) -> Result<Connection> {
+        self.connect_addr(&Address::parse(addr)?)
+    }
+
+    /// [`connect`](Endpoint::connect) with a parsed address.
+    pub fn connect_addr(&self, addr: &Address) -> Result<Connection> {
+        let sel = crate::addr::select(addr);
+        let kind = sel.chosen.ok_or_else(|| Error::Unsupported {
+            reason: format!("cannot connect to {addr}: {sel}"),
+        })?;
+        if addr.backend().is_none() {
+            tracing::debug!(%addr, "{sel}");
+        }
+        let engine = self
+            .inner
+            .engines
+            .iter()
+            .find(|e| e.kind() == kind)
+            .ok_or_else(|| Error::Unsupported {
+                reason: format!("no {kind} engine in this endpoint"),
+            })?;
+        if self.inner.core.open_conns.load(Ordering::Relaxed)
+            >= self.inner.core.config.max_connections
+        {
+            return Err(Error::WouldBlock {
+                what: "connections of this endpoint",
+                limit: self.inner.core.config.max_connections,
+            });
+        }
+        let shared = engine.connect(&addr.with_backend(kind))?;
+        Ok(Connection { shared })
+    }
+
+    /// Wait for the next incoming connection.
+    pub fn accept(&self) -> Result<Connection> {
+        loop {
+            if let Some(c) = self.accept_timeout(Duration::from_secs(3600))? {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Wait up to `timeout` for an incoming connection.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Connection>> {
+        let q = &self.inner.core.accepted;
+        let r = self
+            .inner
+            .driver
+            .wait(&q.notify, Some(Instant::now() + timeout), || {
+                match q.try_pop() {
+                    Ok(Some((c, _))) => Some(Ok(c)),
+                    Ok(None) => None,
+                    Err(reason) => Some(Err(reason)),
+                }
+            })?;
+        match r {
+            None => Ok(None),
+            Some(Ok(c)) => Ok(Some(Connection { shared: c })),
+            Some(Err(reason)) => Err(Error::lost(reason)),
+        }
+    }
+
+    /// An incoming connection if one is waiting (drives progress once in caller mode).
+    pub fn try_accept(&self) -> Option<Connection> {
+        if self.inner.driver.caller_drives {
+            self.progress();
+        }
+        match self.inner.core.accepted.try_pop() {
+            Ok(Some((c, _))) => Some(Connection { shared: c }),
+            _ => None,
+        }
+    }
+
+    /// Allocate a zeroed region of `len` bytes that keys may grant `rights` on (huge
+    /// pages when configured, available, and `len` is a multiple of 2 MiB).
+    pub fn alloc_region(&self, len: usize, rights: Rights) -> Result<Region> {
+        let mem = Mem::alloc(len, self.inner.core.config.huge_pages)?;
+        Ok(self.inner.core.regions.insert(mem, rights))
+    }
+
+    /// Register memory the caller allocated (it must start 8-byte aligned). The region
+    /// owns it from now on.
+    pub fn register_region(&self, memory: Vec<u8>, rights: Rights) -> Result<Region> {
+        let mem = Mem::from_vec(memory)?;
+        Ok(self.inner.core.regions.insert(mem, rights))
+    }
+
+    /// Drive every engine once without blocking; returns how much work was done.
+    /// Needed only with [`Progress::Caller`] (it is harmless otherwise).
+    pub fn progress(&self) -> usize {
+        self.inner.engines.iter().map(|e| e.progress()).sum()
+    }
+
+    /// Counters over all of this endpoint's connections.
+    pub fn stats(&self) -> Stats {
+        self.inner.core.counters.snapshot()
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.inner.core.open_conns.load(Ordering::Relaxed)
+    }
+}
+
+fn spawn_progress(
+    engine: Arc<TcpEngine>,
+    stop: Arc<AtomicBool>,
+    cpu: Option<usize>,
+    busy: bool,
+) -> Result<JoinHandle<()>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+    let name = format!("pfs-{}", engine.kind());
+    let h = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            if let Some(c) = cpu
+                && let Err(e) = crate::sys::pin_current_thread(c)
+            {
+                tracing::warn!("could not pin the progress thread to cpu {c}: {e}");
+            }
+            if let Err(e) = engine.init_ring(true) {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            let _ = tx.send(Ok(()));
+            let mut idle = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if engine.progress() > 0 {
+                    idle = 0;
+                    continue;
+                }
+                if busy {
+                    idle = idle.wrapping_add(1);
+                    if idle % 4096 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    engine.park(Duration::from_millis(50));
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn progress thread", e))?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(h),
+        Ok(Err(e)) => {
+            let _ = h.join();
+            Err(e)
+        }
+        Err(_) => Err(Error::Closed("progress thread died during start-up")),
+    }
+}
+
+/// A connection to one peer. Operations are submitted without blocking and complete
+/// through their [`Op`] handles. Dropping the connection closes it.
+#[derive(Debug)]
+pub struct Connection {
+    shared: Arc<ConnShared>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if !self.shared.is_closed() {
+            self.shared.engine().close(&self.shared);
+        }
+    }
+}
+
+impl Connection {
+    /// Connection id (unique within the endpoint).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The peer's endpoint id (compare with [`RegionKey::owner`]).
+    pub fn peer_id(&self) -> u64 {
+        self.shared.peer_id
+    }
+
+    /// The backend carrying this connection.
+    pub fn backend(&self) -> BackendKind {
+        self.shared.backend
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> &Address {
+        &self.shared.peer_addr
+    }
+
+    /// Our address on this connection.
+    pub fn local_addr(&self) -> &Address {
+        &self.shared.local_addr
+    }
+
+    /// Counters of this connection.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Whether the connection has closed (locally, by the peer, or by an error).
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+
+    /// Close now: pending operations fail with `ConnectionLost`.
+    pub fn close(&self) {
+        self.shared.engine().close(&self.shared);
+    }
+
+    fn remote(&self, key: &RegionKey, offset: u64, len: u64, need: Rights) -> Result<Target> {
+        if key.owner != self.shared.peer_id {
+            return Err(Error::AccessDenied {
+                reason: format!(
+                    "the key belongs to endpoint {:016x}, this connection reaches {:016x}",
+                    key.owner, self.shared.peer_id
+                ),
+            });
+        }
+        if !key.rights.contains(need) {
+            return Err(Error::AccessDenied {
+                reason: format!("the key grants {}, this access needs {need}", key.rights),
+            });
+        }
+        if offset.checked_add(len).is_none_or(|e| e > key.len) {
+            return Err(Error::OutOfBounds {
+                offset,
+                len,
+                region_len: key.len,
+            });
+        }
+        Ok(Target {
+            region: key.region,
+            offset,
+            token: key.token,
+        })
+    }
+
+    fn local(&self, region: &Region, offset: u64, len: u64) -> Result<crate::sys::mem::Slice> {
+        if region.owner() != self.shared.core.id {
+            return Err(Error::InvalidArgument(
+                "the local region belongs to another endpoint; register it with this one".into(),
+            ));
+        }
+        let max = self
+            .shared
+            .core
+            .config
+            .max_op_size
+            .min(u64::from(self.shared.peer_max_payload));
+        if len > max {
+            return Err(Error::TooLarge {
+                what: "operation",
+                len,
+                max,
+            });
+        }
+        region.slice(offset, len)
+    }
+
+    fn submit<T: crate::op::OpOutput>(&self, kind: OpKind, key_len: u64) -> Result<Op<T>> {
+        let s = &self.shared;
+        if s.is_closed() {
+            return Err(Error::lost(s.close_reason()));
+        }
+        let max = s.core.config.max_ops_in_flight;
+        if s.inflight.fetch_add(1, Ordering::AcqRel) >= max {
+            s.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::WouldBlock {
+                what: "operations in flight on this connection",
+                limit: max,
+            });
+        }
+        let done = Completion::new();
+        let req = OpReq {
+            kind,
+            done: done.clone(),
+            deadline: Instant::now() + s.core.config.op_timeout,
+            key_len,
+        };
+        if s.engine().submit(s, req).is_err() {
+            s.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::WouldBlock {
+                what: "the endpoint's submission queue",
+                limit: s.core.config.max_queued_ops,
+            });
+        }
+        s.count(C::ops_submitted, 1);
+        Ok(Op::new(done, s.driver.clone()))
+    }
+
+    /// Write `len` bytes of `local` at `local_offset` into the remote region of `key` at
+    /// `remote_offset`. Completes once the bytes are in the target region.
+    pub fn write(
+        &self,
+        local: &Region,
+        local_offset: u64,
+        key: &RegionKey,
+        remote_offset: u64,
+        len: u64,
+    ) -> Result<Op<()>> {
+        let target = self.remote(key, remote_offset, len, Rights::WRITE)?;
+        let local = self.local(local, local_offset, len)?;
+        self.submit(
+            OpKind::Write {
+                local,
+                target,
+                notify: None,
+            },
+            key.len,
+        )
+    }
+
+    /// Like [`write`](Connection::write), and the target receives a [`Notification`]
+    /// carrying `imm` once the bytes are in place.
+    pub fn write_with_notify(
+        &self,
+        local: &Region,
+        local_offset: u64,
+        key: &RegionKey,
+        remote_offset: u64,
+        len: u64,
+        imm: u32,
+    ) -> Result<Op<()>> {
+        let target = self.remote(key, remote_offset, len, Rights::WRITE)?;
+        let local = self.local(local, local_offset, len)?;
+        self.submit(
+            OpKind::Write {
+                local,
+                target,
+                notify: Some(imm),
+            },
+            key.len,
+        )
+    }
+
+    /// Read `len` bytes of the remote region of `key` at `remote_offset` into `local` at
+    /// `local_offset`. Completes once the bytes are in `local`.
+    pub fn read(
+        &self,
+        local: &Region,
+        local_offset: u64,
+        key: &RegionKey,
+        remote_offset: u64,
+        len: u64,
+    ) -> Result<Op<()>> {
+        let target = self.remote(key, remote_offset, len, Rights::READ)?;
+        let local = self.local(local, local_offset, len)?;
+        self.submit(OpKind::Read { local, target }, key.len)
+    }
+
+    fn atomic_target(&self, key: &RegionKey, offset: u64) -> Result<Target> {
+        if offset % 8 != 0 {
+            return Err(Error::Misaligned { offset });
+        }
+        self.remote(key, offset, 8, Rights::ATOMIC)
+    }
+
+    /// Atomically replace the little-endian u64 at `offset` with `new` if it equals
+    /// `expected`. Yields the old value (the swap happened if it equals `expected`).
+    pub fn compare_and_swap(
+        &self,
+        key: &RegionKey,
+        offset: u64,
+        expected: u64,
+        new: u64,
+    ) -> Result<Op<u64>> {
+        let target = self.atomic_target(key, offset)?;
+        self.submit(
+            OpKind::Cas {
+                target,
+                expected,
+                new,
+            },
+            key.len,
+        )
+    }
+
+    /// Atomically add `add` (wrapping) to the little-endian u64 at `offset`. Yields the
+    /// old value.
+    pub fn fetch_add(&self, key: &RegionKey, offset: u64, add: u64) -> Result<Op<u64>> {
+        let target = self.atomic_target(key, offset)?;
+        self.submit(OpKind::Faa { target, add }, key.len)
+    }
+
+    /// Order operations: everything submitted before the fence takes effect before
+    /// anything submitted after it is issued. The returned handle completes when
+    /// everything before the fence has completed.
+    pub fn fence(&self) -> Result<Op<()>> {
+        self.submit(OpKind::Fence, 0)
+    }
+
+    /// Send a message; it completes once the peer has queued it for [`recv`].
+    ///
+    /// [`recv`]: Connection::recv
+    pub fn send(&self, data: &[u8]) -> Result<Op<()>> {
+        let max = (self.shared.core.config.max_message_size as u64)
+            .min(u64::from(self.shared.peer_max_payload));
+        if data.len() as u64 > max {
+            return Err(Error::TooLarge {
+                what: "message",
+                len: data.len() as u64,
+                max,
+            });
+        }
+        self.submit(
+            OpKind::Send {
+                data: data.to_vec(),
+            },
+            0,
+        )
+    }
+
+    fn pop<T>(&self, q: &Mailbox<T>) -> Option<Result<T>> {
+        match q.try_pop() {
+            Ok(Some((v, was_full))) => {
+                if was_full {
+                    self.shared.engine().room_available(&self.shared);
+                }
+                Some(Ok(v))
+            }
+            Ok(None) => None,
+            Err(reason) => Some(Err(Error::lost(reason))),
+        }
+    }
+
+    fn wait_on<T>(&self, q: &Mailbox<T>, timeout: Option<Duration>) -> Result<Option<T>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        match self
+            .shared
+            .driver
+            .wait(&q.notify, deadline, || self.pop(q))?
+        {
+            None => Ok(None),
+            Some(r) => r.map(Some),
+        }
+    }
+
+    /// Wait for the next message.
+    pub fn recv(&self) -> Result<Vec<u8>> {
+        loop {
+            if let Some(m) = self.wait_on(&self.shared.inbox, Some(Duration::from_secs(3600)))? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Wait up to `timeout` for the next message.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        self.wait_on(&self.shared.inbox, Some(timeout))
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&self) -> Result<Option<Vec<u8>>> {
+        if self.shared.driver.caller_drives {
+            self.shared.engine().progress();
+        }
+        self.pop(&self.shared.inbox).transpose()
+    }
+
+    /// The next message, as a future.
+    pub fn recv_async(&self) -> Incoming<'_, Vec<u8>> {
+        Incoming {
+            conn: self,
+            q: &self.shared.inbox,
+        }
+    }
+
+    /// Wait up to `timeout` for the next write notification.
+    pub fn notification_timeout(&self, timeout: Duration) -> Result<Option<Notification>> {
+        self.wait_on(&self.shared.notes, Some(timeout))
+    }
+
+    /// The next write notification if one is queued.
+    pub fn try_notification(&self) -> Result<Option<Notification>> {
+        if self.shared.driver.caller_drives {
+            self.shared.engine().progress();
+        }
+        self.pop(&self.shared.notes).transpose()
+    }
+
+    /// The next write notification, as a future.
+    pub fn notification_async(&self) -> Incoming<'_, Notification> {
+        Incoming {
+            conn: self,
+            q: &self.shared.notes,
+        }
+    }
+}
+
+/// A future for the next message (`Vec<u8>`) or [`Notification`] of a connection.
+#[must_use = "futures do nothing unless polled"]
+pub struct Incoming<'a, T> {
+    conn: &'a Connection,
+    q: &'a Mailbox<T>,
+}
+
+impl<T> std::fmt::Debug for Incoming<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("conn", &self.conn.id())
+            .finish()
+    }
+}
+
+impl<T> Future for Incoming<'_, T> {
+    type Output = Result<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let (conn, q) = (self.conn, self.q);
+        if conn.shared.driver.caller_drives {
+            conn.shared.driver.progress();
+        }
+        if let Some(r) = conn.pop(q) {
+            return Poll::Ready(r);
+        }
+        if conn.shared.driver.caller_drives {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        q.notify.register_waker(cx.waker());
+        match conn.pop(q) {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Completion handles, bounded mailboxes, and waiting on them.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use crate::backend::Engine;
+use crate::config::{Progress, WaitMode};
+use crate::error::{Error, Result};
+
+/// Threads and tasks waiting for a state change.
+#[derive(Debug, Default)]
+pub(crate) struct Notify {
+    has_waiters: AtomicBool,
+    waiters: Mutex<(Vec<Thread>, Vec<Waker>)>,
+}
+
+impl Notify {
+    /// Wake everyone registered. Call after publishing the state change.
+    pub(crate) fn wake_all(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.has_waiters.load(Ordering::SeqCst) {
+            return;
+        }
+        let (threads, wakers) = {
+            let mut w = self.waiters.lock().expect("waiter lock poisoned");
+            self.has_waiters.store(false, Ordering::SeqCst);
+            (std::mem::take(&mut w.0), std::mem::take(&mut w.1))
+        };
+        for t in threads {
+            t.unpark();
+        }
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn register_thread(&self) {
+        let mut w = self.waiters.lock().expect("waiter lock poisoned");
+        let me = std::thread::current();
+        if !w.0.iter().any(|t| t.id() == me.id()) {
+            w.0.push(me);
+        }
+        self.has_waiters.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn register_waker(&self, waker: &Waker) {
+        let mut w = self.waiters.lock().expect("waiter lock poisoned");
+        if !w.1.iter().any(|x| x.will_wake(waker)) {
+            w.1.push(waker.clone());
+        }
+        self.has_waiters.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How a waiting thread makes progress: who drives the engine, and spin or sleep.
+#[derive(Clone)]
+pub(crate) struct Driver {
+    pub(crate) engines: Arc<[Arc<dyn Engine>]>,
+    pub(crate) caller_drives: bool,
+    pub(crate) busy: bool,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("caller_drives", &self.caller_drives)
+            .field("busy", &self.busy)
+            .finish()
+    }
+}
+
+impl Driver {
+    pub(crate) fn new(
+        engines: Arc<[Arc<dyn Engine>]>,
+        progress: &Progress,
+        wait: WaitMode,
+    ) -> Driver {
+        Driver {
+            engines,
+            caller_drives: *progress == Progress::Caller,
+            busy: wait == WaitMode::BusyPoll,
+        }
+    }
+
+    /// Drive every engine once.
+    pub(crate) fn progress(&self) -> usize {
+        self.engines.iter().map(|e| e.progress()).sum()
+    }
+
+    /// Wait until `ready()` returns `Some`, or `deadline` passes (`None` result).
+    ///
+    /// Caller-driven endpoints run the engine from this thread (spinning, or sleeping in
+    /// the kernel in blocking mode); endpoints with a progress thread spin on the flag or
+    /// park until the producer unparks them.
+    pub(crate) fn wait<T>(
+        &self,
+        notify: &Notify,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut() -> Option<T>,
+    ) -> Result<Option<T>> {
+        let mut spins = 0u32;
+        loop {
+            if let Some(v) = ready() {
+                return Ok(Some(v));
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            for e in self.engines.iter() {
+                e.health()?;
+            }
+            let slice = deadline
+                .map(|d| d - now)
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            if self.caller_drives {
+                if self.progress() == 0 && !self.busy {
+                    if let Some(v) = ready() {
+                        return Ok(Some(v));
+                    }
+                    if let [one] = &self.engines[..] {
+                        one.park(slice);
+                    } else {
+                        std::thread::sleep(slice.min(Duration::from_micros(50)));
+                    }
+                }
+            } else if self.busy {
+                spins = spins.wrapping_add(1);
+                if spins % 1024 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            } else {
+                notify.register_thread();
+                if let Some(v) = ready() {
+                    return Ok(Some(v));
+                }
+                std::thread::park_timeout(slice);
+            }
+        }
+    }
+}
+
+/// The shared state of one operation.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    done: AtomicBool,
+    result: Mutex<Option<Result<u64>>>,
+    notify: Notify,
+}
+
+impl Completion {
+    pub(crate) fn new() -> Arc<Completion> {
+        Arc::new(Completion::default())
+    }
+
+    /// Record the result (first call wins) and wake waiters.
+    pub(crate) fn complete(&self, r: Result<u64>) {
+        {
+            let mut g = self.result.lock().expect("completion lock poisoned");
+            if self.done.load(Ordering::Relaxed) {
+                return;
+            }
+            *g = Some(r);
+            self.done.store(true, Ordering::SeqCst);
+        }
+        self.notify.wake_all();
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn take(&self) -> Option<Result<u64>> {
+        if !self.is_done() {
+            return None;
+        }
+        self.result.lock().expect("completion lock poisoned").take()
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for () {}
+    impl Sealed for u64 {}
+}
+
+/// What an operation yields: `()` for writes, reads, sends and fences, the old value
+/// (`u64`) for atomics.
+pub trait OpOutput: sealed::Sealed + Sized {
+    #[doc(hidden)]
+    fn from_raw(v: u64) -> Self;
+}
+impl OpOutput for () {
+    fn from_raw(_: u64) -> Self {}
+}
+impl OpOutput for u64 {
+    fn from_raw(v: u64) -> Self {
+        v
+    }
+}
+
+/// A handle to an operation in flight.
+///
+/// Wait for it ([`wait`](Op::wait)), poll it ([`poll_result`](Op::poll_result)), or
+/// `.await` it from any executor. Dropping the handle does not cancel the operation; its
+/// buffers stay alive until it completes. Every operation completes — successfully, with
+/// a typed error, or with [`Error::Timeout`] once its deadline passes.
+///
+/// With [`Progress::Caller`], waiting and polling drive the endpoint's progress engine
+/// from the calling thread (and an awaited `Op` re-polls itself: busy-poll).
+#[must_use = "an operation's result says whether it took effect"]
+pub struct Op<T: OpOutput> {
+    c: Arc<Completion>,
+    driver: Driver,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: OpOutput> std::fmt::Debug for Op<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Op")
+            .field("done", &self.c.is_done())
+            .finish()
+    }
+}
+
+impl<T: OpOutput> Op<T> {
+    pub(crate) fn new(c: Arc<Completion>, driver: Driver) -> Op<T> {
+        Op {
+            c,
+            driver,
+            _t: PhantomData,
+        }
+    }
+
+    /// Whether the operation has completed.
+    pub fn is_done(&self) -> bool {
+        self.c.is_done()
+    }
+
+    /// The result if the operation has completed (driving progress once first when the
+    /// caller drives progress). After it returns `Some`, later calls return `None`.
+    pub fn poll_result(&mut self) -> Option<Result<T>> {
+        if !self.c.is_done() && self.driver.caller_drives {
+            self.driver.progress();
+        }
+        self.c.take().map(|r| r.map(T::from_raw))
+    }
+
+    /// Block until the operation completes and return its result.
+    pub fn wait(self) -> Result<T> {
+        let c = self.c.clone();
+        match self.driver.wait(&self.c.notify, None, || c.take())? {
+            Some(r) => r.map(T::from_raw),
+            None => Err(Error::Closed("operation result already taken")),
+        }
+    }
+}
+
+impl<T: OpOutput> Future for Op<T> {
+    type Output = Result<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.get_mut();
+        if let Some(r) = this.poll_result() {
+            return Poll::Ready(r);
+        }
+        if this.driver.caller_drives {
+            // Nobody else drives progress: ask to be polled again (busy-poll).
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.c.notify.register_waker(cx.waker());
+        match this.c.take() {
+            Some(r) => Poll::Ready(r.map(T::from_raw)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Wait for every operation and return the first error, if any.
+pub fn wait_all<T: OpOutput>(ops: impl IntoIterator<Item = Op<T>>) -> Result<()> {
+    let mut first = None;
+    for op in ops {
+        if let Err(e) = op.wait()
+            && first.is_none()
+        {
+            first = Some(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// A bounded queue from the progress engine to the application.
+#[derive(Debug)]
+pub(crate) struct Mailbox<T> {
+    q: Mutex<MailboxState<T>>,
+    cap: usize,
+    pub(crate) notify: Notify,
+}
+
+#[derive(Debug)]
+struct MailboxState<T> {
+    items: VecDeque<T>,
+    closed: Option<String>,
+}
+
+impl<T> Mailbox<T> {
+    pub(crate) fn new(cap: usize) -> Mailbox<T> {
+        Mailbox {
+            q: Mutex::new(MailboxState {
+                items: VecDeque::new(),
+                closed: None,
+            }),
+            cap,
+            notify: Notify::default(),
+        }
+    }
+
+    /// Whether another item fits.
+    pub(crate) fn has_room(&self) -> bool {
+        self.q.lock().expect("mailbox poisoned").items.len() < self.cap
+    }
+
+    /// Push, or give the item back when full.
+    pub(crate) fn push(&self, v: T) -> std::result::Result<(), T> {
+        {
+            let mut q = self.q.lock().expect("mailbox poisoned");
+            if q.items.len() >= self.cap {
+                return Err(v);
+            }
+            q.items.push_back(v);
+        }
+        self.notify.wake_all();
+        Ok(())
+    }
+
+    /// Close: waiters get `reason` once the queue is drained.
+    pub(crate) fn close(&self, reason: &str) {
+        {
+            let mut q = self.q.lock().expect("mailbox poisoned");
+            if q.closed.is_none() {
+                q.closed = Some(reason.to_string());
+            }
+        }
+        self.notify.wake_all();
+    }
+
+    /// Pop one item; `Err` once closed and empty. Returns whether the queue was full
+    /// before the pop (so the producer can be told there is room again).
+    pub(crate) fn try_pop(&self) -> std::result::Result<Option<(T, bool)>, String> {
+        let mut q = self.q.lock().expect("mailbox poisoned");
+        let was_full = q.items.len() >= self.cap;
+        match q.items.pop_front() {
+            Some(v) => Ok(Some((v, was_full))),
+            None => match &q.closed {
+                Some(r) => Err(r.clone()),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Drain everything (on shutdown).
+    pub(crate) fn drain(&self) -> Vec<T> {
+        self.q
+            .lock()
+            .expect("mailbox poisoned")
+            .items
+            .drain(..)
+            .collect()
+    }
+}

@@ -1,0 +1,100 @@
+//! Counters per connection and per endpoint.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// A counter's index.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        #[repr(usize)]
+        pub(crate) enum C { $( $name ),* }
+
+        const N: usize = [$( stringify!($name) ),*].len();
+
+        /// A snapshot of counters. Connection counters cover one connection; endpoint
+        /// counters cover every connection the endpoint ever had.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Stats {
+            /// `(name, value)` pairs, for printing and JSON.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name) ),* ]
+            }
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $( $name: self.v[C::$name as usize].load(Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Operations submitted (one-sided ops, sends, fences).
+    ops_submitted,
+    /// Operations that completed successfully.
+    ops_completed,
+    /// Operations that failed (including timeouts).
+    ops_failed,
+    /// Operations that failed because their deadline passed.
+    ops_timed_out,
+    /// Bytes written to remote regions by completed writes.
+    bytes_written,
+    /// Bytes read from remote regions by completed reads.
+    bytes_read,
+    /// Messages sent and acknowledged.
+    messages_sent,
+    /// Messages received.
+    messages_received,
+    /// Payload bytes of messages sent.
+    message_bytes_sent,
+    /// Payload bytes of messages received.
+    message_bytes_received,
+    /// Remote one-sided operations executed against this side's regions.
+    remote_ops_served,
+    /// Remote operations refused (bad key, rights, bounds, revoked, expired).
+    remote_ops_refused,
+    /// Bytes remote peers placed into this side's regions.
+    bytes_placed,
+    /// Bytes remote peers read from this side's regions.
+    bytes_served,
+    /// Write notifications delivered to this side.
+    notifications,
+    /// Incoming data discarded: payloads of refused writes, late responses.
+    drops,
+    /// Malformed or unexpected input from the network.
+    protocol_errors,
+    /// Errors of any kind (local and remote, including protocol errors).
+    errors,
+    /// Connections established.
+    connections_opened,
+    /// Connections closed or lost.
+    connections_closed,
+}
+
+/// Live atomic counters.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    v: [AtomicU64; N],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            v: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn add(&self, c: C, n: u64) {
+        self.v[c as usize].fetch_add(n, Ordering::Relaxed);
+    }
+}
