@@ -197,8 +197,9 @@ impl Drop for EndpointInner {
 /// A PacketFS endpoint: listens and connects, owns registered regions, and runs the
 /// progress engine of each backend.
 ///
-/// Dropping the last handle (endpoints are cheap to clone) closes every connection:
-/// pending operations fail with `ConnectionLost`.
+/// Endpoints are cheap to clone. When the last handle and the last [`Connection`] are
+/// gone, the endpoint shuts down: progress threads stop and anything still pending fails
+/// with `ConnectionLost`.
 #[derive(Clone)]
 pub struct Endpoint {
     inner: Arc<EndpointInner>,
@@ -332,7 +333,14 @@ impl Endpoint {
             });
         }
         let shared = engine.connect(&addr.with_backend(kind))?;
-        Ok(Connection { shared })
+        Ok(self.wrap(shared))
+    }
+
+    fn wrap(&self, shared: Arc<ConnShared>) -> Connection {
+        Connection {
+            shared,
+            _endpoint: self.inner.clone(),
+        }
     }
 
     /// Wait for the next incoming connection.
@@ -359,7 +367,7 @@ impl Endpoint {
             })?;
         match r {
             None => Ok(None),
-            Some(Ok(c)) => Ok(Some(Connection { shared: c })),
+            Some(Ok(c)) => Ok(Some(self.wrap(c))),
             Some(Err(reason)) => Err(Error::lost(reason)),
         }
     }
@@ -370,7 +378,7 @@ impl Endpoint {
             self.progress();
         }
         match self.inner.core.accepted.try_pop() {
-            Ok(Some((c, _))) => Some(Connection { shared: c }),
+            Ok(Some((c, _))) => Some(self.wrap(c)),
             _ => None,
         }
     }
@@ -435,7 +443,7 @@ fn spawn_progress(
                 }
                 if busy {
                     idle = idle.wrapping_add(1);
-                    if idle % 4096 == 0 {
+                    if idle.is_multiple_of(4096) {
                         std::thread::yield_now();
                     } else {
                         std::hint::spin_loop();
@@ -444,6 +452,8 @@ fn spawn_progress(
                     engine.park(Duration::from_millis(50));
                 }
             }
+            // The ring may only be used by this thread (single issuer): tear down here.
+            engine.shutdown();
         })
         .map_err(|e| Error::io("spawn progress thread", e))?;
     match rx.recv() {
@@ -458,9 +468,22 @@ fn spawn_progress(
 
 /// A connection to one peer. Operations are submitted without blocking and complete
 /// through their [`Op`] handles. Dropping the connection closes it.
-#[derive(Debug)]
+///
+/// A connection keeps its endpoint running: the endpoint shuts down when its last
+/// handle and its last connection are gone.
 pub struct Connection {
     shared: Arc<ConnShared>,
+    _endpoint: Arc<EndpointInner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.shared.id)
+            .field("backend", &self.shared.backend)
+            .field("peer", &self.shared.peer_addr)
+            .finish()
+    }
 }
 
 impl Drop for Connection {
@@ -654,7 +677,7 @@ impl Connection {
     }
 
     fn atomic_target(&self, key: &RegionKey, offset: u64) -> Result<Target> {
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(Error::Misaligned { offset });
         }
         self.remote(key, offset, 8, Rights::ATOMIC)

@@ -364,7 +364,7 @@ impl RegionTable {
                 t.offset
             ),
         })?;
-        if atomic && (slice.as_ptr() as usize) % 8 != 0 {
+        if atomic && !(slice.as_ptr() as usize).is_multiple_of(8) {
             return Err(Refusal {
                 code: ErrorCode::Misaligned,
                 why: format!("offset {} is not 8-byte aligned", t.offset),

@@ -55,17 +55,18 @@ impl Mem {
         let map_len = len
             .checked_next_multiple_of(page)
             .ok_or_else(|| Error::InvalidArgument(format!("region length {len} is too large")))?;
-        if try_huge && map_len % HUGE_PAGE == 0 {
-            if let Some(ptr) = mmap_anon(map_len, libc::MAP_HUGETLB) {
-                return Ok(Mem {
-                    ptr,
-                    len,
-                    backing: Backing::Mmap {
-                        map_len,
-                        huge: true,
-                    },
-                });
-            }
+        if try_huge
+            && map_len % HUGE_PAGE == 0
+            && let Some(ptr) = mmap_anon(map_len, libc::MAP_HUGETLB)
+        {
+            return Ok(Mem {
+                ptr,
+                len,
+                backing: Backing::Mmap {
+                    map_len,
+                    huge: true,
+                },
+            });
         }
         let ptr = mmap_anon(map_len, 0).ok_or_else(|| Error::last_os("mmap"))?;
         Ok(Mem {
@@ -86,7 +87,7 @@ impl Mem {
                 "a region needs at least 1 byte".into(),
             ));
         }
-        if v.as_ptr() as usize % 8 != 0 {
+        if !(v.as_ptr() as usize).is_multiple_of(8) {
             return Err(Error::InvalidArgument(
                 "registered memory must start 8-byte aligned (for the u64 atomics); \
                  use Endpoint::alloc_region instead"
@@ -168,7 +169,7 @@ impl Mem {
             region_len: self.len as u64,
         })?;
         let p = self.ptr_at(o);
-        if p as usize % 8 != 0 {
+        if !(p as usize).is_multiple_of(8) {
             return Err(Error::Misaligned { offset: off });
         }
         // SAFETY: `p` is in bounds for 8 bytes, 8-byte aligned, and lives as long as
@@ -310,7 +311,7 @@ mod tests {
     #[test]
     fn vec_backing_round_trips() {
         let v = vec![5u8; 64];
-        if v.as_ptr() as usize % 8 == 0 {
+        if (v.as_ptr() as usize).is_multiple_of(8) {
             let m = Mem::from_vec(v).unwrap();
             let mut out = [0u8; 4];
             m.copy_out(60, &mut out).unwrap();

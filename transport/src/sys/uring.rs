@@ -150,7 +150,8 @@ impl Ring {
     /// Create a ring with `entries` submission entries, trying the best setup flags for
     /// `issuer` first and falling back for older kernels.
     pub(crate) fn new(entries: u32, issuer: Issuer) -> io::Result<Ring> {
-        let attempts: &[(&'static str, fn(&mut io_uring::Builder))] = match issuer {
+        type Setup = fn(&mut io_uring::Builder);
+        let attempts: &[(&'static str, Setup)] = match issuer {
             Issuer::Single => &[
                 ("single-issuer, defer-taskrun", |b| {
                     b.setup_single_issuer()

@@ -731,15 +731,14 @@ fn remote_error(code: ErrorCode, text: String, p: &Pending) -> Error {
 impl State {
     fn arm_listeners(&mut self) {
         for (i, l) in self.ctx.listeners.iter_mut().enumerate() {
-            if !l.armed {
-                if self
+            if !l.armed
+                && self
                     .ctx
                     .ring
                     .accept(l.sock.as_raw_fd(), tag(i as u64, K_ACCEPT))
                     .is_ok()
-                {
-                    l.armed = true;
-                }
+            {
+                l.armed = true;
             }
         }
     }
