@@ -880,7 +880,7 @@ pub fn peer_killed_fails_pending_ops(f: &Fixture, helper_test: &str) {
         }
     }
     let took = killed.elapsed();
-    let _ = child.wait();
+    let _ = child.0.wait();
     assert!(
         failed > 0,
         "no operation failed although the peer was killed"
