@@ -621,34 +621,52 @@ pub fn messages_round_trip(f: &Fixture) {
 }
 
 pub fn many_in_flight_and_backpressure(f: &Fixture) {
-    let server = f.server();
-    let cfg = f.client_config().max_ops_in_flight(64);
-    let client = Endpoint::bind(cfg).unwrap();
-    let (conn, _peer) = f.connect(&server, &client);
+    // A target whose application does not drain its messages: with room for one queued
+    // message, the second one stalls the connection (receive backpressure), so nothing
+    // after it completes and the initiator's in-flight limit must refuse the 65th op.
+    let mut scfg = f.server_config();
+    scfg.max_incoming = 1;
+    init_tracing();
+    let server = Endpoint::bind(scfg).unwrap();
+    let client = Endpoint::bind(f.client_config().max_ops_in_flight(64)).unwrap();
+    let (conn, peer) = f.connect(&server, &client);
     let target = server.alloc_region(1 << 20, Rights::ALL).unwrap();
     let key = target.key(Rights::ALL).unwrap();
     let local = client.alloc_region(1 << 20, Rights::ALL).unwrap();
     fill_pattern(&local, 3);
+    conn.send(b"first").unwrap().wait().unwrap();
+    let second = conn.send(b"second").unwrap();
     let mut ops = Vec::new();
-    let mut would_block = false;
+    let mut refused = None;
     for i in 0..200u64 {
         match conn.write(&local, i * 4096, &key, i * 4096, 4096) {
-            Ok(op) => ops.push((i, op)),
-            Err(Error::WouldBlock { limit: 64, .. }) => {
-                would_block = true;
+            Ok(op) => ops.push(op),
+            Err(e) => {
+                refused = Some(e);
                 break;
             }
-            Err(e) => panic!("unexpected {e:?}"),
         }
+        client.progress();
     }
-    assert!(would_block, "the in-flight limit was not enforced");
-    assert_eq!(ops.len(), 64);
-    for (_, op) in ops {
-        op.wait().unwrap();
-    }
+    assert!(
+        matches!(refused, Some(Error::WouldBlock { limit: 64, .. })),
+        "the in-flight limit was not enforced: {refused:?}"
+    );
+    assert_eq!(ops.len(), 63);
+    std::thread::sleep(Duration::from_millis(50));
+    client.progress();
+    assert!(
+        ops.iter().all(|o| !o.is_done()),
+        "ops completed behind a stalled message"
+    );
+    // Draining the target's queue releases everything, in order.
+    assert_eq!(peer.recv().unwrap(), b"first");
+    assert_eq!(peer.recv().unwrap(), b"second");
+    second.wait().unwrap();
+    pfs_transport::wait_all(ops).unwrap();
     assert_eq!(
-        target.to_vec(0, 64 * 4096).unwrap(),
-        local.to_vec(0, 64 * 4096).unwrap()
+        target.to_vec(0, 63 * 4096).unwrap(),
+        local.to_vec(0, 63 * 4096).unwrap()
     );
     // After completions, submission works again.
     conn.write(&local, 0, &key, 0, 8).unwrap().wait().unwrap();
