@@ -1,1 +1,423 @@
-fn main() {}
+//! pfs-bench: what PacketFS really achieves, next to what the machine can do and what the
+//! manifesto claims.
+
+mod baseline;
+mod memcpy;
+mod report;
+mod scenario;
+mod units;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use pfs_transport::{
+    Address, BackendKind, Connection, Endpoint, EndpointConfig, Progress, RegionKey, Rights,
+    WaitMode,
+};
+
+use report::Report;
+use scenario::{Client, Params, Test};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pfs-bench",
+    version,
+    about = "Measure PacketFS for real: bandwidth, op rate and latency per backend, \
+             next to local memcpy and the 4 PB/s claim",
+    after_help = "With no subcommand: a self-contained run over loopback for every backend \
+                  available in this process (needs no external tool, under a minute)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The self-contained loopback run (the default).
+    Run(RunArgs),
+    /// Serve regions to `pfs-bench client` on another host (or process).
+    Server(ServerArgs),
+    /// Measure against a `pfs-bench server`.
+    Client(ClientArgs),
+    /// Interleaved A/B runs against the baseline tools (iperf3, sockperf), ending with
+    /// the reality check.
+    Compare(baseline::CompareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Backends to measure (default: every backend available here).
+    #[arg(long = "backend", value_parser = parse_backend)]
+    backends: Vec<BackendKind>,
+    /// Length of each measurement.
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    duration: Duration,
+    /// Write the results as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "tcp://127.0.0.1:7000", value_parser = parse_addr)]
+    listen: Address,
+    /// Backend, when the listen address has no scheme.
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<BackendKind>,
+    /// Pin the progress thread to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Spin instead of sleeping (lowest latency, one busy core).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Largest region a client may ask for.
+    #[arg(long, default_value = "1G", value_parser = units::parse_size)]
+    max_region: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ClientArgs {
+    /// Server address, e.g. tcp://127.0.0.1:7000.
+    #[arg(value_parser = parse_addr)]
+    addr: Address,
+    /// Backend, overriding the address's scheme.
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<BackendKind>,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "write")]
+    test: Test,
+    /// Bytes per operation.
+    #[arg(long, default_value = "1M", value_parser = units::parse_size)]
+    size: u64,
+    /// Operations in flight (default: 8 for bandwidth, 64 for atomics, 1 for latency).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    depth: Option<u32>,
+    /// Length of the measurement.
+    #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+    duration: Duration,
+    /// Warm-up before measuring (excluded from the results).
+    #[arg(long, default_value = "300ms", value_parser = parse_warmup)]
+    warmup: Duration,
+    /// Pin this thread to a CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Write the results as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse::<BackendKind>().map_err(|e| e.to_string())
+}
+
+fn parse_addr(s: &str) -> Result<Address, String> {
+    let s = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("tcp://{s}")
+    };
+    Address::parse(&s).map_err(|e| e.to_string())
+}
+
+fn parse_warmup(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    units::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: what was wrong and the valid form; details are in --help.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see pfs-bench --help)", first.trim_end());
+            return ExitCode::from(2);
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PFS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let r = match cli.cmd {
+        None => default_run(&cli.run),
+        Some(Cmd::Run(a)) => default_run(&a),
+        Some(Cmd::Server(a)) => server(&a),
+        Some(Cmd::Client(a)) => client(&a),
+        Some(Cmd::Compare(a)) => baseline::compare(&a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pfs-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// A server endpoint that hands out region keys on request and drains messages.
+fn spawn_server(ep: &Endpoint, max_region: u64) {
+    let ep = ep.clone();
+    std::thread::spawn(move || {
+        loop {
+            let Ok(conn) = ep.accept() else {
+                return;
+            };
+            let ep = ep.clone();
+            std::thread::spawn(move || serve_conn(&ep, conn, max_region));
+        }
+    });
+}
+
+/// Protocol: the client sends `region <bytes>`, the server answers with a key string
+/// (or `error <text>`); every later message is received and dropped (the `send` test).
+fn serve_conn(ep: &Endpoint, conn: Connection, max_region: u64) {
+    let mut regions = Vec::new();
+    while let Ok(m) = conn.recv() {
+        let text = String::from_utf8_lossy(&m);
+        let Some(n) = text.strip_prefix("region ") else {
+            continue;
+        };
+        let reply = match n.trim().parse::<u64>() {
+            Ok(n) if n > 0 && n <= max_region => match ep.alloc_region(n as usize, Rights::ALL) {
+                Ok(r) => {
+                    let k = r.key(Rights::ALL).map(|k| k.to_string());
+                    regions.push(r);
+                    k.unwrap_or_else(|e| format!("error {e}"))
+                }
+                Err(e) => format!("error {e}"),
+            },
+            _ => format!("error region size must be 1..={max_region}"),
+        };
+        if conn.send(reply.as_bytes()).and_then(|o| o.wait()).is_err() {
+            return;
+        }
+    }
+}
+
+fn request_region(conn: &Connection, bytes: u64) -> AnyResult<RegionKey> {
+    conn.send(format!("region {bytes}").as_bytes())?.wait()?;
+    let reply = conn
+        .recv_timeout(Duration::from_secs(30))?
+        .ok_or("the server did not answer the region request")?;
+    let text = String::from_utf8_lossy(&reply).to_string();
+    if let Some(e) = text.strip_prefix("error ") {
+        return Err(format!("the server refused the region: {e}").into());
+    }
+    Ok(text.parse::<RegionKey>()?)
+}
+
+fn default_depth(t: Test) -> usize {
+    match t {
+        Test::Latency | Test::ReadLatency => 1,
+        Test::Atomic => 64,
+        _ => 8,
+    }
+}
+
+/// The self-contained run: server and client in this process over loopback.
+fn default_run(a: &RunArgs) -> AnyResult {
+    let started = Instant::now();
+    let mut report = Report::new();
+    let cpus = pfs_transport::online_cpus();
+    let backends: Vec<BackendKind> = if a.backends.is_empty() {
+        BackendKind::ALL
+            .into_iter()
+            .filter(|k| k.unavailable_reason().is_none())
+            .collect()
+    } else {
+        a.backends.clone()
+    };
+    println!(
+        "pfs-bench {}: loopback, server and client in one process, {} CPUs",
+        env!("CARGO_PKG_VERSION"),
+        cpus
+    );
+    for k in BackendKind::ALL {
+        if let Some(why) = k.unavailable_reason() {
+            println!("  skipping {k}: {why}");
+        }
+    }
+    // Busy-poll and pin when there are two cores: the server's progress thread on CPU 1,
+    // the client (driving its own progress) on CPU 0. Waking a thread on the other core
+    // costs tens of microseconds on small VMs, which would otherwise dominate latency.
+    let pinned = cpus >= 2;
+    let (server_progress, server_wait) = if pinned {
+        (Progress::Thread { cpu: Some(1) }, WaitMode::BusyPoll)
+    } else {
+        (Progress::Thread { cpu: None }, WaitMode::Block)
+    };
+    if pinned {
+        let _ = pfs_transport::pin_current_thread(0);
+    }
+    let mode = if pinned {
+        "busy-poll; client drives progress on CPU 0, server progress thread on CPU 1".to_string()
+    } else {
+        "1 CPU: server progress thread blocks, client drives progress".to_string()
+    };
+    for kind in backends {
+        if let Some(why) = kind.unavailable_reason() {
+            return Err(format!("backend {kind} is not available: {why}").into());
+        }
+        let listen = format!("{}://127.0.0.1:0", kind.scheme());
+        let server = Endpoint::bind(
+            EndpointConfig::new()
+                .listen(&listen)?
+                .progress(server_progress.clone())
+                .wait_mode(server_wait),
+        )?;
+        spawn_server(&server, 1 << 30);
+        let client = Endpoint::bind(
+            EndpointConfig::new()
+                .progress(Progress::Caller)
+                .wait_mode(WaitMode::BusyPoll),
+        )?;
+        let conn = client.connect_addr(&server.local_addrs()[0])?;
+        let key = request_region(&conn, 256 << 20)?;
+        let c = Client {
+            ep: &client,
+            conn: &conn,
+            key: &key,
+            mode: mode.clone(),
+        };
+        let plan = [
+            (Test::Write, 1 << 20, 8),
+            (Test::Read, 1 << 20, 8),
+            (Test::Write, 64, 64),
+            (Test::Atomic, 8, 64),
+            (Test::Latency, 64, 1),
+            (Test::ReadLatency, 64, 1),
+        ];
+        for (test, size, depth) in plan {
+            let p = Params {
+                test,
+                size,
+                depth,
+                duration: a.duration,
+                warmup: Duration::from_millis(300),
+            };
+            eprint!("  {kind} {} {} ...\r", test.name(), units::fmt_size(size));
+            report.results.push(c.run(&p)?);
+        }
+        eprint!("{:60}\r", "");
+    }
+    report.memcpy = Some(memcpy::measure(a.duration.min(Duration::from_secs(2))));
+    report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.reality_check("loopback, one process (no NIC involved)");
+    println!();
+    report.print_results();
+    report.print_reality();
+    println!("  run time: {:.1} s", report.elapsed_s);
+    if let Some(j) = &a.json {
+        report.write_json(j)?;
+    }
+    Ok(())
+}
+
+fn with_backend(addr: &Address, b: Option<BackendKind>) -> Address {
+    match b {
+        Some(k) => addr.with_backend(k),
+        None => addr.clone(),
+    }
+}
+
+fn server(a: &ServerArgs) -> AnyResult {
+    let listen = with_backend(&a.listen, a.backend);
+    let cfg = EndpointConfig::new()
+        .listen(&listen.to_string())?
+        .progress(Progress::Thread { cpu: a.cpu })
+        .wait_mode(if a.busy_poll {
+            WaitMode::BusyPoll
+        } else {
+            WaitMode::Block
+        });
+    let ep = Endpoint::bind(cfg)?;
+    for addr in ep.local_addrs() {
+        println!("pfs-bench server listening on {addr}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    spawn_server(&ep, a.max_region);
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Run one measurement as a client of a `pfs-bench server` (used by `client` and by
+/// `compare`).
+pub(crate) fn client_measure(
+    addr: &Address,
+    test: Test,
+    size: u64,
+    depth: usize,
+    duration: Duration,
+    warmup: Duration,
+    mode: &str,
+) -> AnyResult<scenario::Measurement> {
+    let ep = Endpoint::bind(
+        EndpointConfig::new()
+            .progress(Progress::Caller)
+            .wait_mode(WaitMode::BusyPoll),
+    )?;
+    let conn = ep.connect_addr(addr)?;
+    let region = match test {
+        Test::Latency | Test::ReadLatency | Test::Atomic => (1 << 20).max(size),
+        _ => (size * depth as u64 * 2)
+            .clamp(16 << 20, 256 << 20)
+            .max(size),
+    };
+    let key = request_region(&conn, region)?;
+    let c = Client {
+        ep: &ep,
+        conn: &conn,
+        key: &key,
+        mode: mode.to_string(),
+    };
+    Ok(c.run(&Params {
+        test,
+        size,
+        depth,
+        duration,
+        warmup,
+    })?)
+}
+
+fn client(a: &ClientArgs) -> AnyResult {
+    let addr = with_backend(&a.addr, a.backend);
+    if let Some(c) = a.cpu {
+        pfs_transport::pin_current_thread(c).map_err(|e| format!("cannot pin to cpu {c}: {e}"))?;
+    }
+    let depth = a.depth.map_or(default_depth(a.test), |d| d as usize);
+    let mode = format!(
+        "busy-poll, client drives progress{}",
+        a.cpu
+            .map_or(String::new(), |c| format!(", pinned to CPU {c}"))
+    );
+    let m = client_measure(&addr, a.test, a.size, depth, a.duration, a.warmup, &mode)?;
+    let mut report = Report::new();
+    report.results.push(m);
+    report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
+    report.print_results();
+    if let Some(j) = &a.json {
+        report.write_json(j)?;
+    }
+    Ok(())
+}

@@ -96,15 +96,19 @@ impl Driver {
 
     /// Wait until `ready()` returns `Some`, or `deadline` passes (`None` result).
     ///
-    /// Caller-driven endpoints run the engine from this thread (spinning, or sleeping in
-    /// the kernel in blocking mode); endpoints with a progress thread spin on the flag or
-    /// park until the producer unparks them.
+    /// A caller-driven endpoint runs the engine from this thread: spinning in busy-poll
+    /// mode, sleeping in the kernel between passes in blocking mode. With a progress
+    /// thread, a busy-poll wait spins for up to [`SPIN_BEFORE_PARK`] (long enough for
+    /// any round trip worth spinning for) and then parks, so that application threads
+    /// waiting for rare events (an accept, a message) do not steal the cores the
+    /// progress threads spin on; a blocking wait parks at once. The producer unparks.
     pub(crate) fn wait<T>(
         &self,
         notify: &Notify,
         deadline: Option<Instant>,
         mut ready: impl FnMut() -> Option<T>,
     ) -> Result<Option<T>> {
+        let start = Instant::now();
         let mut spins = 0u32;
         loop {
             if let Some(v) = ready() {
@@ -132,7 +136,7 @@ impl Driver {
                         std::thread::sleep(slice.min(Duration::from_micros(50)));
                     }
                 }
-            } else if self.busy {
+            } else if self.busy && now.duration_since(start) < SPIN_BEFORE_PARK {
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(1024) {
                     std::thread::yield_now();
@@ -149,6 +153,9 @@ impl Driver {
         }
     }
 }
+
+/// How long a busy-poll wait on an endpoint with a progress thread spins before parking.
+pub(crate) const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
 
 /// The shared state of one operation.
 #[derive(Debug, Default)]

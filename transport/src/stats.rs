@@ -64,6 +64,10 @@ counters! {
     bytes_placed,
     /// Bytes remote peers read from this side's regions.
     bytes_served,
+    /// Payload bytes copied by this process (staging buffer to destination) on top of
+    /// the kernel's copies: the rest of received payload was placed by the kernel
+    /// directly at its destination.
+    bytes_copied_in_user_space,
     /// Write notifications delivered to this side.
     notifications,
     /// Incoming data discarded: payloads of refused writes, late responses.

@@ -42,3 +42,4 @@ fn tcp(mode: Mode) -> Fixture {
 
 conformance_suite!(thread_block, super::tcp(super::Mode::ThreadBlock));
 conformance_suite!(caller_busy, super::tcp(super::Mode::CallerBusy));
+conformance_suite!(thread_busy, super::tcp(super::Mode::ThreadBusy));

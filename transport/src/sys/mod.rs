@@ -35,8 +35,8 @@ impl EventFd {
     }
 }
 
-/// Pin the calling thread to one CPU.
-pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
+/// Pin the calling thread to one CPU (benchmarks pin their busy-polling threads).
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -56,11 +56,17 @@ pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Number of CPUs this process may run on.
+/// Number of CPUs online (whatever the calling thread's own affinity).
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
 }
 
 fn setsockopt_int(

@@ -227,15 +227,16 @@ impl Ring {
         debug_assert!(r.is_ok());
     }
 
-    /// Receive into `buf[start..start+len]`. With `wait_all`, the kernel keeps receiving
-    /// until `len` bytes arrived or the stream ends (MSG_WAITALL).
+    /// Receive into `buf[start..start+len]` with `recv(2)` flags: `MSG_WAITALL` keeps
+    /// receiving until `len` bytes arrived or the stream ends; `MSG_DONTWAIT` completes at
+    /// once with `-EAGAIN` when nothing is there (a poll, for busy-polling).
     pub(crate) fn recv(
         &mut self,
         fd: RawFd,
         mut buf: Buf,
         start: usize,
         len: usize,
-        wait_all: bool,
+        flags: i32,
         tag: u64,
     ) -> io::Result<()> {
         if start.checked_add(len).is_none_or(|e| e > buf.len()) || len > u32::MAX as usize {
@@ -248,7 +249,6 @@ impl Ring {
         // `start <= buf.len()` was checked, so the pointer stays inside the buffer.
         let ptr = buf.ptr().wrapping_add(start);
         let idx = self.alloc(Slot::Recv { tag, buf });
-        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
         let e = opcode::Recv::new(types::Fd(fd), ptr, len as u32)
             .flags(flags)
             .build()

@@ -80,6 +80,9 @@ pub(crate) struct TcpEngine {
     dead: Mutex<Option<String>>,
     is_dead: AtomicBool,
     setup: Mutex<String>,
+    /// With a dedicated progress thread, only that thread may touch the ring (it was set
+    /// up single-issuer); calls from other threads are no-ops.
+    owner: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 impl std::fmt::Debug for TcpEngine {
@@ -119,12 +122,16 @@ impl TcpEngine {
             dead: Mutex::new(None),
             is_dead: AtomicBool::new(false),
             setup: Mutex::new(String::new()),
+            owner: std::sync::OnceLock::new(),
         }))
     }
 
     /// Create the io_uring. `dedicated`: called on the progress thread that alone will
     /// submit (enables single-issuer, deferred task work).
     pub(crate) fn init_ring(&self, dedicated: bool) -> Result<()> {
+        if dedicated {
+            let _ = self.owner.set(std::thread::current().id());
+        }
         let issuer = if dedicated {
             Issuer::Single
         } else {
@@ -177,6 +184,9 @@ impl TcpEngine {
                 wake_armed: false,
                 last_tick: Instant::now(),
                 rearm_accept: true,
+                poll: self.core.config.wait == crate::config::WaitMode::BusyPoll,
+                to_arm: Vec::new(),
+                repoll: Vec::new(),
             },
             conns: HashMap::new(),
             cqes: Vec::with_capacity(256),
@@ -184,6 +194,13 @@ impl TcpEngine {
         st.arm_listeners();
         *self.state.lock().expect("state lock") = Some(st);
         Ok(())
+    }
+
+    /// Whether the calling thread may drive the ring.
+    fn may_drive(&self) -> bool {
+        self.owner
+            .get()
+            .is_none_or(|&t| t == std::thread::current().id())
     }
 
     fn die(&self, reason: String) {
@@ -247,6 +264,9 @@ impl Engine for TcpEngine {
     }
 
     fn progress(&self) -> usize {
+        if !self.may_drive() {
+            return 0;
+        }
         let Ok(mut guard) = self.state.try_lock() else {
             return 0;
         };
@@ -254,6 +274,7 @@ impl Engine for TcpEngine {
             return 0;
         };
         let mut work = st.reap();
+        st.repoll();
         work += self.drain_ctl(st);
         let mut n = 0;
         while n < CMD_BUDGET {
@@ -268,22 +289,29 @@ impl Engine for TcpEngine {
             st.admit(&shared, req);
         }
         work += n;
+        st.maybe_tick();
+        // Sends first, then receives: one enter submits both, answers leave first.
         st.flush_dirty();
+        st.arm_pending();
         if let Err(e) = st.ctx.ring.submit() {
             self.die(format!("io_uring_enter failed: {e}"));
             st.fail_all("the tcp engine stopped");
             return work;
         }
         work += st.reap();
-        if !st.ctx.dirty.is_empty() {
+        if !st.ctx.dirty.is_empty() || !st.ctx.to_arm.is_empty() {
             st.flush_dirty();
+            st.arm_pending();
             let _ = st.ctx.ring.submit();
         }
-        st.maybe_tick();
         work
     }
 
     fn park(&self, max: Duration) {
+        if !self.may_drive() {
+            std::thread::sleep(max.min(Duration::from_millis(1)));
+            return;
+        }
         let Ok(mut guard) = self.state.try_lock() else {
             std::thread::yield_now();
             return;
@@ -312,6 +340,8 @@ impl Engine for TcpEngine {
                 return;
             }
         }
+        st.flush_dirty();
+        st.arm_pending();
         let timeout = max.min(Duration::from_millis(50));
         if let Err(e) = st.ctx.ring.wait(timeout) {
             self.die(format!("io_uring_enter (wait) failed: {e}"));
@@ -377,6 +407,14 @@ impl Engine for TcpEngine {
     }
 
     fn shutdown(&self) {
+        if !self.may_drive() {
+            // The progress thread tears the ring down itself when it stops; from here,
+            // only make sure waiters learn the engine is gone.
+            if !self.is_dead.swap(true, Ordering::SeqCst) {
+                *self.dead.lock().expect("dead lock") = Some("endpoint closed".into());
+            }
+            return;
+        }
         let mut guard = self.state.lock().expect("state lock");
         if let Some(mut st) = guard.take() {
             st.fail_all("endpoint closed");
@@ -601,6 +639,14 @@ enum RecvInto {
     Direct,
 }
 
+/// A recv waiting to be pushed to the ring.
+struct RecvReq {
+    buf: Buf,
+    start: usize,
+    len: usize,
+    flags: i32,
+}
+
 struct Tx {
     hdr: [u8; MAX_HEADER_LEN],
     hdr_len: u8,
@@ -618,8 +664,11 @@ struct Conn {
     lo: usize,
     hi: usize,
     rx: Rx,
+    /// A recv is in flight, or prepared in `recv_req` and about to be.
     recv_busy: bool,
     recv_into: RecvInto,
+    /// A recv prepared during this pass, pushed after the pass's sends.
+    recv_req: Option<RecvReq>,
     rx_stalled: bool,
     txq: VecDeque<Tx>,
     tx_busy: bool,
@@ -651,6 +700,7 @@ impl Conn {
             rx: Rx::Header,
             recv_busy: false,
             recv_into: RecvInto::Stage,
+            recv_req: None,
             rx_stalled: false,
             txq: VecDeque::new(),
             tx_busy: false,
@@ -685,6 +735,13 @@ struct Ctx {
     wake_armed: bool,
     last_tick: Instant,
     rearm_accept: bool,
+    /// Busy-poll mode: idle connections are polled with `MSG_DONTWAIT` receives on every
+    /// pass instead of keeping a receive armed (no wake-up, no task work on the path).
+    poll: bool,
+    /// Connections with a prepared recv to push after this pass's sends.
+    to_arm: Vec<u64>,
+    /// Connections whose poll found nothing; polled again next pass.
+    repoll: Vec<u64>,
 }
 
 struct State {
@@ -763,6 +820,59 @@ impl State {
         }
     }
 
+    /// Push the receives prepared during this pass.
+    fn arm_pending(&mut self) {
+        let mut ids = std::mem::take(&mut self.ctx.to_arm);
+        for id in ids.drain(..) {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let Some(r) = conn.recv_req.take() else {
+                continue;
+            };
+            if conn.closing.is_some() {
+                conn.recv_busy = false;
+                if let Buf::Heap(v) = r.buf
+                    && conn.recv_into == RecvInto::Stage
+                {
+                    conn.stage = Some(v);
+                }
+                continue;
+            }
+            let fd = conn.fd();
+            if let Err(e) = self
+                .ctx
+                .ring
+                .recv(fd, r.buf, r.start, r.len, r.flags, tag(id, K_RECV))
+            {
+                conn.recv_busy = false;
+                self.ctx
+                    .fail_conn(conn, format!("cannot queue recv: {e}"), false);
+            }
+        }
+        if self.ctx.to_arm.is_empty() {
+            self.ctx.to_arm = ids;
+        }
+    }
+
+    /// Busy-poll: poll again the connections whose last poll found nothing.
+    fn repoll(&mut self) {
+        if self.ctx.repoll.is_empty() {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.ctx.repoll);
+        for id in ids.drain(..) {
+            if let Some(conn) = self.conns.get_mut(&id)
+                && !conn.recv_busy
+            {
+                self.ctx.pump_rx(conn);
+            }
+        }
+        if self.ctx.repoll.is_empty() {
+            self.ctx.repoll = ids;
+        }
+    }
+
     fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.ctx.dirty);
         for id in &dirty {
@@ -783,12 +893,17 @@ impl State {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         self.ctx.ring.reap(&mut cqes);
-        let n = cqes.len();
+        let got = cqes.len();
+        let mut n = 0;
         for c in cqes.drain(..) {
+            // An empty busy-poll receive is not work.
+            if c.res != -libc::EAGAIN {
+                n += 1;
+            }
             self.on_cqe(c);
         }
         self.cqes = cqes;
-        if n > 0 {
+        if got > 0 {
             self.remove_closed();
         }
         n
@@ -894,9 +1009,6 @@ impl State {
                 conn.rx_stalled = false;
                 ctx.pump_rx(conn);
             }
-        }
-        if !self.ctx.dirty.is_empty() {
-            self.flush_dirty();
         }
         self.remove_closed();
     }
@@ -1154,37 +1266,48 @@ impl Ctx {
             conn.lo = 0;
         }
         let (start, len) = (conn.hi, STAGE_LEN - conn.hi);
-        match self.ring.recv(
-            conn.fd(),
-            Buf::Heap(stage),
-            start,
-            len,
-            false,
-            tag(conn.id, K_RECV),
-        ) {
-            Ok(()) => {
-                conn.recv_busy = true;
-                conn.recv_into = RecvInto::Stage;
-            }
-            Err(e) => self.fail_conn(conn, format!("cannot queue recv: {e}"), false),
-        }
+        let flags = if self.poll { libc::MSG_DONTWAIT } else { 0 };
+        self.prepare_recv(conn, Buf::Heap(stage), start, len, flags, RecvInto::Stage);
     }
 
     fn arm_recv_direct(&mut self, conn: &mut Conn, buf: Buf, start: usize, len: usize) {
-        match self
-            .ring
-            .recv(conn.fd(), buf, start, len, true, tag(conn.id, K_RECV))
-        {
-            Ok(()) => {
-                conn.recv_busy = true;
-                conn.recv_into = RecvInto::Direct;
-            }
-            Err(e) => self.fail_conn(conn, format!("cannot queue recv: {e}"), false),
-        }
+        self.prepare_recv(conn, buf, start, len, libc::MSG_WAITALL, RecvInto::Direct);
+    }
+
+    /// Prepare a recv; it is pushed by [`State::arm_pending`] after the pass's sends, so
+    /// that answers leave before the kernel spends time arming the next receive.
+    fn prepare_recv(
+        &mut self,
+        conn: &mut Conn,
+        buf: Buf,
+        start: usize,
+        len: usize,
+        flags: i32,
+        into: RecvInto,
+    ) {
+        conn.recv_req = Some(RecvReq {
+            buf,
+            start,
+            len,
+            flags,
+        });
+        conn.recv_busy = true;
+        conn.recv_into = into;
+        self.to_arm.push(conn.id);
     }
 
     fn on_recv(&mut self, conn: &mut Conn, res: i32, held: Held) {
         conn.recv_busy = false;
+        if res == -libc::EAGAIN {
+            // A busy-poll receive found nothing: poll again next pass.
+            if let Held::Buf(Buf::Heap(v)) = held
+                && conn.recv_into == RecvInto::Stage
+            {
+                conn.stage = Some(v);
+            }
+            self.repoll.push(conn.id);
+            return;
+        }
         let n = match res {
             r if r > 0 => r as usize,
             0 => {
@@ -1266,6 +1389,11 @@ impl Ctx {
                     let avail = conn.hi - conn.lo;
                     let take = avail.min(*len - *got);
                     if take > 0 {
+                        if let Some(s) = &conn.shared
+                            && !matches!(dst, Dst::Discard)
+                        {
+                            s.count(C::bytes_copied_in_user_space, take as u64);
+                        }
                         if let Some(stage) = conn.stage.as_ref() {
                             let src = &stage[conn.lo..conn.lo + take];
                             match dst {

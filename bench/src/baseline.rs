@@ -1,0 +1,369 @@
+//! Side-by-side runs against the fixed baseline commands (DESIGN.md, "Measuring"):
+//! iperf3 for bandwidth, sockperf for latency, interleaved A B A B … with the same CPU
+//! placement on both sides, quoted as the median ratio with its min–max.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use pfs_transport::Address;
+
+use crate::report::{Comparison, Report};
+use crate::scenario::Test;
+use crate::{AnyResult, client_measure, memcpy, units};
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// A/B pairs per comparison (at least 3 for a median worth quoting).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pairs: u32,
+    /// Length of each run.
+    #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+    duration: Duration,
+    /// Write the results as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+/// A child process killed and reaped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn need(tool: &str, package: &str) -> AnyResult {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} not found: install it (apt-get install {package}) or run `cargo xtask bench`, \
+             which installs the baselines"
+        )
+        .into())
+    }
+}
+
+fn free_tcp_port() -> AnyResult<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> AnyResult<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_tcp(port: u16) -> AnyResult {
+    let until = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > until {
+            return Err(format!("nothing listens on port {port} after 10 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn cpus(client: bool) -> &'static str {
+    if client || pfs_transport::online_cpus() < 2 {
+        "0"
+    } else {
+        "1"
+    }
+}
+
+/// Start `pfs-bench server` (this executable) pinned like the baseline servers.
+fn pfs_server() -> AnyResult<(Proc, Address)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Proc(
+        Command::new(exe)
+            .args([
+                "server",
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--cpu",
+                cpus(false),
+                "--busy-poll",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
+    let out = child.0.stdout.take().ok_or("no server stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .ok_or("server printed no address")?;
+    Ok((child, Address::parse(addr)?))
+}
+
+fn iperf3_server(port: u16) -> AnyResult<Proc> {
+    let p = Proc(
+        Command::new("iperf3")
+            .args(["-s", "-1", "-p", &port.to_string(), "-A", cpus(false)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_tcp(port)?;
+    Ok(p)
+}
+
+fn iperf3_command(port: u16, secs: u64) -> Vec<String> {
+    [
+        "iperf3",
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-A",
+        cpus(true),
+        "-J",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// One iperf3 run: Gbit/s received.
+fn iperf3(secs: u64) -> AnyResult<f64> {
+    let port = free_tcp_port()?;
+    let _server = iperf3_server(port)?;
+    let cmd = iperf3_command(port, secs);
+    let out = Command::new(&cmd[0]).args(&cmd[1..]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "iperf3 printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = v.get("error") {
+        return Err(format!("iperf3: {e}").into());
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or("iperf3 JSON has no end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
+fn sockperf_command(port: u16, secs: u64, tcp: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "taskset",
+        "-c",
+        cpus(true),
+        "sockperf",
+        "ping-pong",
+        "--nonblocked",
+        "--full-rtt",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-m",
+        "64",
+        "-t",
+        &secs.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if tcp {
+        v.push("--tcp".into());
+    }
+    v
+}
+
+/// One sockperf ping-pong run: median full round trip in µs.
+fn sockperf(secs: u64, tcp: bool) -> AnyResult<f64> {
+    let port = if tcp {
+        free_tcp_port()?
+    } else {
+        free_udp_port()?
+    };
+    let mut sargs: Vec<String> = [
+        "-c",
+        cpus(false),
+        "sockperf",
+        "server",
+        "--nonblocked",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if tcp {
+        sargs.push("--tcp".into());
+    }
+    let _server = Proc(
+        Command::new("taskset")
+            .args(&sargs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    if tcp {
+        wait_tcp(port)?;
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cmd = sockperf_command(port, secs, tcp);
+    let out = Command::new(&cmd[0]).args(&cmd[1..]).output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    parse_sockperf_p50(&text).ok_or_else(|| {
+        format!(
+            "could not find the median in sockperf's output: {}",
+            text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        )
+        .into()
+    })
+}
+
+/// `sockperf: ---> percentile 50.000 =    7.372` → 7.372
+fn parse_sockperf_p50(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.contains("percentile 50.000"))
+        .and_then(|l| l.rsplit('=').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub fn compare(a: &CompareArgs) -> AnyResult {
+    need("iperf3", "iperf3")?;
+    need("sockperf", "sockperf")?;
+    need("taskset", "util-linux")?;
+    let started = Instant::now();
+    let secs = a.duration.as_secs().max(1);
+    let dur = Duration::from_secs(secs);
+    let warm = Duration::from_millis(300);
+    let pinned = pfs_transport::online_cpus() >= 2;
+    if pinned {
+        pfs_transport::pin_current_thread(0)?;
+    }
+    let mode = if pinned {
+        "busy-poll; client on CPU 0 drives progress, server progress thread on CPU 1 (separate processes)"
+    } else {
+        "busy-poll; 1 CPU (separate processes)"
+    };
+    let mut report = Report::new();
+    println!(
+        "pfs-bench compare: {} pairs of {secs} s runs per comparison, loopback, client CPU {} / server CPU {}",
+        a.pairs,
+        cpus(true),
+        cpus(false)
+    );
+
+    // Bandwidth: tcp backend, 1 MiB writes, vs iperf3 single TCP stream.
+    let mut bw = Vec::new();
+    for i in 0..a.pairs {
+        eprint!("  bandwidth pair {}/{} ...\r", i + 1, a.pairs);
+        let (server, addr) = pfs_server()?;
+        let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode)?;
+        drop(server);
+        let theirs = iperf3(secs)?;
+        bw.push((m.gbit_per_s, theirs));
+        report.results.push(m);
+    }
+    let ours_bw = format!(
+        "pfs-bench client tcp://127.0.0.1:P --test write --size 1M --depth 8 --duration {secs}s --cpu {} \
+         (server: pfs-bench server --cpu {} --busy-poll)",
+        cpus(true),
+        cpus(false)
+    );
+    let base_bw = format!(
+        "{} (server: iperf3 -s -1 -p P -A {})",
+        iperf3_command(0, secs).join(" ").replace("-p 0", "-p P"),
+        cpus(false)
+    );
+    report.comparisons.push(Comparison::new(
+        "tcp 1 MiB writes vs iperf3 single TCP stream (loopback)",
+        &ours_bw,
+        &base_bw,
+        "Gbit/s",
+        bw,
+        "higher",
+        Some(0.9),
+    ));
+
+    // Latency: 64 B write round trip vs sockperf ping-pong, both full round trips,
+    // both busy-polling (sockperf --nonblocked).
+    for tcp in [false, true] {
+        let mut lat = Vec::new();
+        for i in 0..a.pairs {
+            eprint!(
+                "  latency pair {}/{} (sockperf {}) ...\r",
+                i + 1,
+                a.pairs,
+                if tcp { "tcp" } else { "udp" }
+            );
+            let (server, addr) = pfs_server()?;
+            let m = client_measure(&addr, Test::Latency, 64, 1, dur, warm, mode)?;
+            drop(server);
+            let ours = m.latency.as_ref().map_or(f64::NAN, |l| l.p50_us);
+            let theirs = sockperf(secs, tcp)?;
+            lat.push((ours, theirs));
+            report.results.push(m);
+        }
+        let proto = if tcp { "TCP" } else { "UDP" };
+        report.comparisons.push(Comparison::new(
+            &format!("tcp 64 B write round trip vs sockperf ping-pong {proto} 64 B (median full RTT)"),
+            &format!(
+                "pfs-bench client tcp://127.0.0.1:P --test latency --size 64 --duration {secs}s --cpu {} \
+                 (server: pfs-bench server --cpu {} --busy-poll)",
+                cpus(true),
+                cpus(false)
+            ),
+            &format!(
+                "{} (server: taskset -c {} sockperf server --nonblocked -i 127.0.0.1 -p P{})",
+                sockperf_command(0, secs, tcp).join(" ").replace("-p 0", "-p P"),
+                cpus(false),
+                if tcp { " --tcp" } else { "" }
+            ),
+            "µs",
+            lat,
+            "lower",
+            Some(1.0),
+        ));
+    }
+    eprint!("{:70}\r", "");
+    report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
+    report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.reality_check("loopback between two processes (no NIC involved)");
+    report.print_results();
+    report.print_comparisons();
+    report.print_reality();
+    println!("  run time: {:.1} s", report.elapsed_s);
+    if let Some(j) = &a.json {
+        report.write_json(j)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sockperf() {
+        let out = "sockperf: ====> avg-rtt=8.192 (std-dev=15.994)\n\
+                   sockperf: ---> percentile 99.000 =   13.844\n\
+                   sockperf: ---> percentile 50.000 =    7.372\n";
+        assert_eq!(parse_sockperf_p50(out), Some(7.372));
+        assert_eq!(parse_sockperf_p50("nothing"), None);
+    }
+}

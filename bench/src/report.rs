@@ -1,0 +1,386 @@
+//! The report: a table, a JSON document (schema in `docs/bench-json.md`) and the
+//! reality check against the manifesto's claim.
+
+use serde::Serialize;
+
+use crate::memcpy::Memcpy;
+use crate::scenario::{Measurement, Test};
+use crate::units::{fmt_size, gbytes, thousands};
+
+/// The manifesto's claim, in bytes per second: "4 PB/s, faster than local RAM".
+pub const CLAIM_BYTES_PER_S: f64 = 4e15;
+
+/// Version of the JSON document. Bump on any incompatible change.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub cpus: usize,
+    pub kernel: String,
+}
+
+impl Host {
+    pub fn detect() -> Host {
+        Host {
+            cpus: pfs_transport::online_cpus(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// One A/B comparison against a baseline tool, from interleaved runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// What is compared.
+    pub name: String,
+    /// Our side: what was run.
+    pub ours: String,
+    /// The baseline command, exactly as run.
+    pub baseline: String,
+    /// Unit of both values.
+    pub unit: String,
+    /// `(ours, baseline)` per pair, in run order (A B A B …).
+    pub pairs: Vec<(f64, f64)>,
+    /// Median of ours/baseline.
+    pub median_ratio: f64,
+    pub min_ratio: f64,
+    pub max_ratio: f64,
+    /// "higher" when a larger value is better (bandwidth), "lower" for latency.
+    pub better: &'static str,
+    /// The ratio the project targets, if any.
+    pub target_ratio: Option<f64>,
+    /// Whether the median ratio meets the target.
+    pub meets_target: Option<bool>,
+}
+
+impl Comparison {
+    pub fn new(
+        name: &str,
+        ours: &str,
+        baseline: &str,
+        unit: &str,
+        pairs: Vec<(f64, f64)>,
+        better: &'static str,
+        target_ratio: Option<f64>,
+    ) -> Comparison {
+        let mut ratios: Vec<f64> = pairs.iter().map(|(a, b)| a / b).collect();
+        ratios.sort_by(|a, b| a.total_cmp(b));
+        let median = if ratios.is_empty() {
+            f64::NAN
+        } else if ratios.len() % 2 == 1 {
+            ratios[ratios.len() / 2]
+        } else {
+            (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
+        };
+        let meets = target_ratio.map(|t| {
+            if better == "higher" {
+                median >= t
+            } else {
+                median <= t
+            }
+        });
+        Comparison {
+            name: name.into(),
+            ours: ours.into(),
+            baseline: baseline.into(),
+            unit: unit.into(),
+            median_ratio: median,
+            min_ratio: ratios.first().copied().unwrap_or(f64::NAN),
+            max_ratio: ratios.last().copied().unwrap_or(f64::NAN),
+            pairs,
+            better,
+            target_ratio,
+            meets_target: meets,
+        }
+    }
+}
+
+/// The reality check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reality {
+    pub claim_bytes_per_s: f64,
+    pub best: Option<Best>,
+    pub memcpy_bytes_per_s: Option<f64>,
+    /// best / claim.
+    pub best_over_claim: Option<f64>,
+    /// memcpy / claim.
+    pub memcpy_over_claim: Option<f64>,
+    /// best / memcpy.
+    pub best_over_memcpy: Option<f64>,
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Best {
+    pub backend: String,
+    pub test: Test,
+    pub size: u64,
+    pub bytes_per_s: f64,
+    pub path: String,
+}
+
+/// The whole document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: u32,
+    pub tool: &'static str,
+    pub version: &'static str,
+    pub command: String,
+    pub host: Host,
+    pub results: Vec<Measurement>,
+    pub memcpy: Option<Memcpy>,
+    pub comparisons: Vec<Comparison>,
+    pub reality: Option<Reality>,
+    pub peak_rss_bytes: Option<u64>,
+    pub elapsed_s: f64,
+}
+
+impl Report {
+    pub fn new() -> Report {
+        Report {
+            schema: SCHEMA,
+            tool: "pfs-bench",
+            version: env!("CARGO_PKG_VERSION"),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            host: Host::detect(),
+            results: Vec::new(),
+            memcpy: None,
+            comparisons: Vec::new(),
+            reality: None,
+            peak_rss_bytes: None,
+            elapsed_s: 0.0,
+        }
+    }
+
+    /// Compute the reality check from the results and memcpy.
+    pub fn reality_check(&mut self, path: &str) {
+        let best = self
+            .results
+            .iter()
+            .filter(|m| m.latency.is_none() && m.test != Test::Atomic)
+            .max_by(|a, b| a.gbytes_per_s.total_cmp(&b.gbytes_per_s))
+            .map(|m| Best {
+                backend: m.backend.clone(),
+                test: m.test,
+                size: m.size,
+                bytes_per_s: m.gbytes_per_s * 1e9,
+                path: path.to_string(),
+            });
+        let mem = self.memcpy.as_ref().map(|m| m.gbytes_per_s * 1e9);
+        let c = CLAIM_BYTES_PER_S;
+        let verdict = match (&best, mem) {
+            (Some(b), Some(m)) => {
+                let r = b.bytes_per_s / m;
+                if r >= 1.0 {
+                    format!(
+                        "remote memory over PacketFS moved data {r:.2}x as fast as a local \
+                         memcpy here: on this run, \"faster than local RAM\" held ({path})"
+                    )
+                } else {
+                    format!(
+                        "\"faster than local RAM\": false on this machine. The best transfer \
+                         ({}, {}) reached {:.2} of local memcpy, and {:.1e} of the claimed 4 PB/s",
+                        b.backend,
+                        fmt_size(b.size),
+                        r,
+                        b.bytes_per_s / c
+                    )
+                }
+            }
+            _ => "not enough measurements for a verdict".to_string(),
+        };
+        self.reality = Some(Reality {
+            claim_bytes_per_s: c,
+            best_over_claim: best.as_ref().map(|b| b.bytes_per_s / c),
+            memcpy_over_claim: mem.map(|m| m / c),
+            best_over_memcpy: match (&best, mem) {
+                (Some(b), Some(m)) => Some(b.bytes_per_s / m),
+                _ => None,
+            },
+            best,
+            memcpy_bytes_per_s: mem,
+            verdict,
+        });
+    }
+
+    pub fn print_results(&self) {
+        if self.results.is_empty() {
+            return;
+        }
+        println!(
+            "{:<8} {:<13} {:>8} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "backend",
+            "test",
+            "size",
+            "depth",
+            "GB/s",
+            "Gbit/s",
+            "Mops/s",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "copies/B"
+        );
+        for m in &self.results {
+            let (p50, p99, p999) = match &m.latency {
+                Some(l) => (
+                    format!("{:.2}", l.p50_us),
+                    format!("{:.2}", l.p99_us),
+                    format!("{:.2}", l.p999_us),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "{:<8} {:<13} {:>8} {:>5} {:>10.3} {:>9.2} {:>9.3} {:>9} {:>9} {:>9} {:>8}",
+                m.backend,
+                m.test.name(),
+                fmt_size(m.size),
+                m.depth,
+                m.gbytes_per_s,
+                m.gbit_per_s,
+                m.mops_per_s,
+                p50,
+                p99,
+                p999,
+                m.copies_per_byte
+                    .map_or("-".to_string(), |c| format!("{c:.3}")),
+            );
+        }
+        if let Some(l) = self.results.iter().find_map(|m| m.latency.as_ref()) {
+            println!(
+                "latency: {}; percentiles from an HDR histogram of {} samples after warm-up",
+                l.quantity,
+                thousands(l.samples as f64)
+            );
+        }
+        if let Some(m) = self.results.first() {
+            println!("mode: {}", m.mode);
+        }
+    }
+
+    pub fn print_comparisons(&self) {
+        if self.comparisons.is_empty() {
+            return;
+        }
+        println!();
+        println!("Side by side (interleaved A B A B …; median ratio, min–max):");
+        for c in &self.comparisons {
+            let pairs: Vec<String> = c
+                .pairs
+                .iter()
+                .map(|(a, b)| format!("{a:.2}/{b:.2}"))
+                .collect();
+            let target = match (c.target_ratio, c.meets_target) {
+                (Some(t), Some(ok)) => format!(
+                    "  target {} {t}: {}",
+                    if c.better == "higher" { "≥" } else { "≤" },
+                    if ok { "met" } else { "NOT met" }
+                ),
+                _ => String::new(),
+            };
+            println!("  {}", c.name);
+            println!("    ours:     {}", c.ours);
+            println!("    baseline: {}", c.baseline);
+            println!(
+                "    ratio ours/baseline {:.2} ({:.2}–{:.2}), {} is better; pairs ({}) {}{}",
+                c.median_ratio,
+                c.min_ratio,
+                c.max_ratio,
+                c.better,
+                c.unit,
+                pairs.join(" "),
+                target
+            );
+        }
+    }
+
+    pub fn print_reality(&self) {
+        let Some(r) = &self.reality else {
+            return;
+        };
+        println!();
+        println!("Reality check");
+        println!(
+            "  {:<34} {:>18}",
+            "manifesto claim (\"4 PB/s\")",
+            gbytes(r.claim_bytes_per_s)
+        );
+        if let Some(m) = r.memcpy_bytes_per_s {
+            println!(
+                "  {:<34} {:>18}   {:.1e} of the claim",
+                "local memcpy, 1 thread",
+                gbytes(m),
+                m / r.claim_bytes_per_s
+            );
+        }
+        if let Some(b) = &r.best {
+            println!(
+                "  {:<34} {:>18}   {:.1e} of the claim",
+                format!(
+                    "best PacketFS ({} {} {})",
+                    b.backend,
+                    b.test.name(),
+                    fmt_size(b.size)
+                ),
+                gbytes(b.bytes_per_s),
+                b.bytes_per_s / r.claim_bytes_per_s
+            );
+            println!("  {:<34} {}", "path", b.path);
+        }
+        if let Some(x) = r.best_over_memcpy {
+            println!("  {:<34} {:>18.3}", "best PacketFS / local memcpy", x);
+        }
+        println!("  verdict: {}", r.verdict);
+        if let Some(p) = self.peak_rss_bytes {
+            println!(
+                "  peak memory (VmHWM): {:.1} MiB",
+                p as f64 / (1 << 20) as f64
+            );
+        }
+    }
+
+    pub fn write_json(&self, path: &str) -> std::io::Result<()> {
+        let s = serde_json::to_string_pretty(self).expect("report serialises");
+        if path == "-" {
+            println!("{s}");
+            Ok(())
+        } else {
+            std::fs::write(path, s + "\n")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_range() {
+        let c = Comparison::new(
+            "x",
+            "a",
+            "b",
+            "u",
+            vec![(1.0, 2.0), (3.0, 2.0), (2.0, 2.0)],
+            "higher",
+            Some(0.9),
+        );
+        assert_eq!(c.median_ratio, 1.0);
+        assert_eq!(c.min_ratio, 0.5);
+        assert_eq!(c.max_ratio, 1.5);
+        assert_eq!(c.meets_target, Some(true));
+        let c = Comparison::new(
+            "x",
+            "a",
+            "b",
+            "u",
+            vec![(4.0, 2.0), (2.0, 2.0)],
+            "lower",
+            Some(1.0),
+        );
+        assert_eq!(c.median_ratio, 1.5);
+        assert_eq!(c.meets_target, Some(false));
+    }
+}

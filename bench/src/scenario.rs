@@ -1,0 +1,265 @@
+//! The measurements: bandwidth, operation rate and latency over one connection.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use pfs_transport::{Connection, Endpoint, Op, RegionKey, Rights};
+use serde::Serialize;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Test {
+    /// One-sided write bandwidth.
+    Write,
+    /// One-sided read bandwidth.
+    Read,
+    /// 64-bit fetch-and-add rate.
+    Atomic,
+    /// Two-sided message bandwidth.
+    Send,
+    /// Round-trip latency of one write at a time.
+    Latency,
+    /// Round-trip latency of one read at a time.
+    ReadLatency,
+}
+
+impl Test {
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::Write => "write",
+            Test::Read => "read",
+            Test::Atomic => "atomic",
+            Test::Send => "send",
+            Test::Latency => "latency",
+            Test::ReadLatency => "read-latency",
+        }
+    }
+}
+
+/// How to run one measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub test: Test,
+    /// Bytes per operation (ignored by `atomic`).
+    pub size: u64,
+    /// Operations kept in flight (1 for latency tests).
+    pub depth: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+}
+
+/// Latency percentiles of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// What one sample is.
+    pub quantity: &'static str,
+    /// Samples after warm-up.
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+}
+
+impl Latency {
+    fn from_hist(h: &Histogram<u64>) -> Latency {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            quantity: "full round trip (submit to completion)",
+            samples: h.len(),
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub backend: String,
+    pub test: Test,
+    pub size: u64,
+    pub depth: usize,
+    pub seconds: f64,
+    pub ops: u64,
+    pub bytes: u64,
+    pub gbytes_per_s: f64,
+    pub gbit_per_s: f64,
+    pub mops_per_s: f64,
+    pub latency: Option<Latency>,
+    /// Copies of each payload byte end to end (kernel send copy, kernel receive copy,
+    /// plus the share copied in user space from a staging buffer).
+    pub copies_per_byte: Option<f64>,
+    /// How the run was driven (progress, pinning).
+    pub mode: String,
+}
+
+/// Everything a run needs on the initiator side.
+pub struct Client<'a> {
+    pub ep: &'a Endpoint,
+    pub conn: &'a Connection,
+    pub key: &'a RegionKey,
+    pub mode: String,
+}
+
+impl Client<'_> {
+    pub fn run(&self, p: &Params) -> pfs_transport::Result<Measurement> {
+        match p.test {
+            Test::Latency | Test::ReadLatency => self.latency(p),
+            _ => self.throughput(p),
+        }
+    }
+
+    fn submit(
+        &self,
+        p: &Params,
+        local: &pfs_transport::Region,
+        i: u64,
+        span: u64,
+    ) -> pfs_transport::Result<Op<()>> {
+        let size = p.size;
+        let slots = (span / size).max(1);
+        let off = (i % slots) * size;
+        match p.test {
+            Test::Write | Test::Latency => self.conn.write(local, off, self.key, off, size),
+            Test::Read | Test::ReadLatency => self.conn.read(local, off, self.key, off, size),
+            Test::Send => self.conn.send(&vec![0x5a; size as usize]),
+            Test::Atomic => unreachable!(),
+        }
+    }
+
+    fn throughput(&self, p: &Params) -> pfs_transport::Result<Measurement> {
+        let span = self.key.len().min(256 << 20);
+        let local = self
+            .ep
+            .alloc_region(span.max(p.size) as usize, Rights::ALL)?;
+        let before = self.ep.stats();
+        let mut inflight: VecDeque<(Instant, Op<()>)> = VecDeque::new();
+        let mut atomics: VecDeque<Op<u64>> = VecDeque::new();
+        let start = Instant::now();
+        let measure_from = start + p.warmup;
+        let end = measure_from + p.duration;
+        let (mut ops, mut i) = (0u64, 0u64);
+        let mut t0 = None;
+        loop {
+            let now = Instant::now();
+            if now >= measure_from && t0.is_none() {
+                t0 = Some(now);
+                ops = 0;
+            }
+            if now >= end {
+                break;
+            }
+            if p.test == Test::Atomic {
+                while atomics.len() < p.depth {
+                    atomics.push_back(self.conn.fetch_add(self.key, (i % 64) * 8, 1)?);
+                    i += 1;
+                }
+                atomics.pop_front().expect("non-empty").wait()?;
+            } else {
+                while inflight.len() < p.depth {
+                    inflight.push_back((Instant::now(), self.submit(p, &local, i, span)?));
+                    i += 1;
+                }
+                inflight.pop_front().expect("non-empty").1.wait()?;
+            }
+            ops += 1;
+        }
+        let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        for (_, op) in inflight {
+            op.wait()?;
+        }
+        for op in atomics {
+            op.wait()?;
+        }
+        let after = self.ep.stats();
+        let size = if p.test == Test::Atomic { 8 } else { p.size };
+        let bytes = ops * size;
+        let bps = bytes as f64 / secs;
+        let copies = match p.test {
+            Test::Atomic => None,
+            _ => {
+                let moved = (after.bytes_written - before.bytes_written)
+                    + (after.bytes_read - before.bytes_read)
+                    + (after.message_bytes_sent - before.message_bytes_sent);
+                let user = after.bytes_copied_in_user_space - before.bytes_copied_in_user_space;
+                // Reads land on this side, so their user-space copies are counted here;
+                // writes land at the target, whose share is reported by the target.
+                Some(
+                    2.0 + if moved > 0 {
+                        user as f64 / moved as f64
+                    } else {
+                        0.0
+                    },
+                )
+            }
+        };
+        Ok(Measurement {
+            backend: self.conn.backend().to_string(),
+            test: p.test,
+            size,
+            depth: p.depth,
+            seconds: secs,
+            ops,
+            bytes,
+            gbytes_per_s: bps / 1e9,
+            gbit_per_s: bps * 8.0 / 1e9,
+            mops_per_s: ops as f64 / secs / 1e6,
+            latency: None,
+            copies_per_byte: copies,
+            mode: self.mode.clone(),
+        })
+    }
+
+    fn latency(&self, p: &Params) -> pfs_transport::Result<Measurement> {
+        let span = self.key.len().min(1 << 20);
+        let local = self
+            .ep
+            .alloc_region(span.max(p.size) as usize, Rights::ALL)?;
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+            .expect("valid histogram bounds");
+        let start = Instant::now();
+        let measure_from = start + p.warmup;
+        let end = measure_from + p.duration;
+        let mut i = 0u64;
+        let mut t0 = None;
+        loop {
+            let t = Instant::now();
+            if t >= end {
+                break;
+            }
+            self.submit(p, &local, i, span)?.wait()?;
+            let ns = t.elapsed().as_nanos() as u64;
+            i += 1;
+            if t >= measure_from {
+                t0.get_or_insert(t);
+                let _ = hist.record(ns.max(1));
+            }
+        }
+        let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let ops = hist.len();
+        Ok(Measurement {
+            backend: self.conn.backend().to_string(),
+            test: p.test,
+            size: p.size,
+            depth: 1,
+            seconds: secs,
+            ops,
+            bytes: ops * p.size,
+            gbytes_per_s: (ops * p.size) as f64 / secs / 1e9,
+            gbit_per_s: (ops * p.size) as f64 * 8.0 / secs / 1e9,
+            mops_per_s: ops as f64 / secs / 1e6,
+            latency: Some(Latency::from_hist(&hist)),
+            copies_per_byte: None,
+            mode: self.mode.clone(),
+        })
+    }
+}
