@@ -3,7 +3,7 @@
 //! placement on both sides, quoted as the median ratio with its min–max.
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,11 +60,33 @@ fn free_udp_port() -> AnyResult<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_tcp(port: u16) -> AnyResult {
+/// Whether a socket is bound to `port` in the kernel's table (`/proc/net/tcp` for
+/// listening TCP sockets, `/proc/net/udp` for UDP), without connecting to it: a probe
+/// connection would be taken by a one-shot server (`iperf3 -s -1`) as its client.
+fn bound(port: u16, udp: bool) -> bool {
+    let (files, state) = if udp {
+        (["/proc/net/udp", "/proc/net/udp6"], "07")
+    } else {
+        (["/proc/net/tcp", "/proc/net/tcp6"], "0A")
+    };
+    let hex = format!(":{port:04X}");
+    files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let mut it = l.split_whitespace();
+                let local = it.nth(1).unwrap_or("");
+                let st = it.nth(1).unwrap_or("");
+                local.ends_with(&hex) && st == state
+            })
+        })
+    })
+}
+
+fn wait_bound(port: u16, udp: bool) -> AnyResult {
     let until = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !bound(port, udp) {
         if Instant::now() > until {
-            return Err(format!("nothing listens on port {port} after 10 s").into());
+            return Err(format!("nothing bound port {port} within 10 s").into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -115,7 +137,7 @@ fn iperf3_server(port: u16) -> AnyResult<Proc> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    wait_tcp(port)?;
+    wait_bound(port, false)?;
     Ok(p)
 }
 
@@ -216,11 +238,7 @@ fn sockperf(secs: u64, tcp: bool) -> AnyResult<f64> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    if tcp {
-        wait_tcp(port)?;
-    } else {
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_bound(port, !tcp)?;
     let cmd = sockperf_command(port, secs, tcp);
     let out = Command::new(&cmd[0]).args(&cmd[1..]).output()?;
     let text =

@@ -98,7 +98,7 @@ enum Slot {
         tag: u64,
         gather: Gather,
         _iov: Box<[libc::iovec]>,
-        _msg: Box<libc::msghdr>,
+        _msg: Option<Box<libc::msghdr>>,
     },
     Accept {
         tag: u64,
@@ -302,6 +302,23 @@ impl Ring {
             ));
         }
         self.room()?;
+        if let [one] = iov[..]
+            && one.iov_len <= u32::MAX as usize
+        {
+            // A single contiguous range: plain send, no msghdr for the kernel to copy.
+            let idx = self.alloc(Slot::Send {
+                tag,
+                gather,
+                _iov: Box::new([]),
+                _msg: None,
+            });
+            let e = opcode::Send::new(types::Fd(fd), one.iov_base.cast(), one.iov_len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(u64::from(idx));
+            self.push(e);
+            return Ok(());
+        }
         let iov = iov.into_boxed_slice();
         // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
         let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -312,7 +329,7 @@ impl Ring {
             tag,
             gather,
             _iov: iov,
-            _msg: msg,
+            _msg: Some(msg),
         });
         let e = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
             .flags(libc::MSG_NOSIGNAL as u32)

@@ -43,6 +43,8 @@ use crate::wire::{
 const STAGE_LEN: usize = 32 << 10;
 /// Payload remainders at least this large are received straight into their destination.
 const DIRECT_MIN: usize = 4 << 10;
+/// Payloads up to this size are copied into the send arena next to their header.
+const INLINE_MAX: usize = 512;
 /// Messages packed into one sendmsg (two iovecs each at most).
 const MAX_BATCH: usize = MAX_IOV / 2;
 /// Submissions taken from the queue per progress pass.
@@ -299,7 +301,10 @@ impl Engine for TcpEngine {
             return work;
         }
         work += st.reap();
-        if !st.ctx.dirty.is_empty() || !st.ctx.to_arm.is_empty() {
+        // Answers go out at once; in busy-poll mode a receive alone is not worth another
+        // enter here (it is pushed with the next pass), so the waiter sees completions
+        // one system call sooner.
+        if !st.ctx.dirty.is_empty() || (!st.ctx.poll && !st.ctx.to_arm.is_empty()) {
             st.flush_dirty();
             st.arm_pending();
             let _ = st.ctx.ring.submit();
@@ -1870,12 +1875,32 @@ impl Ctx {
             n += 1;
             let start = arena.len();
             arena.extend_from_slice(&tx.hdr[..tx.hdr_len as usize]);
-            g.segs.push(Seg {
-                buf: 0,
-                start,
-                len: tx.hdr_len as usize,
-            });
-            if let Some(p) = tx.payload {
+            // Small payloads are copied next to their header, so that a batch of small
+            // messages is one contiguous range (one plain send); large ones go by pointer.
+            let inline = match tx.payload {
+                Some(Buf::Heap(v)) if v.len() <= INLINE_MAX => {
+                    arena.extend_from_slice(&v);
+                    None
+                }
+                Some(Buf::Region(r)) if r.len() <= INLINE_MAX => {
+                    let at = arena.len();
+                    arena.resize(at + r.len(), 0);
+                    if r.mem().copy_out(r.offset(), &mut arena[at..]).is_err() {
+                        arena.truncate(at);
+                    }
+                    if let Some(s) = &conn.shared {
+                        s.count(C::bytes_copied_in_user_space, r.len() as u64);
+                    }
+                    None
+                }
+                other => other,
+            };
+            let len = arena.len() - start;
+            match g.segs.last_mut() {
+                Some(last) if last.buf == 0 && last.start + last.len == start => last.len += len,
+                _ => g.segs.push(Seg { buf: 0, start, len }),
+            }
+            if let Some(p) = inline {
                 let len = p.len();
                 g.bufs.push(p);
                 g.segs.push(Seg {
