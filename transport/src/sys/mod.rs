@@ -137,3 +137,35 @@ pub(crate) fn adopt_accepted(fd: i32) -> Option<OwnedFd> {
     // that no other object owns, so wrapping it transfers sole ownership.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `recv(MSG_DONTWAIT)` into `buf`: `Ok(0)` is end of stream, `WouldBlock` means nothing
+/// is there yet.
+pub(crate) fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we borrow
+    // mutably for the duration of the call.
+    let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `send(MSG_DONTWAIT | MSG_NOSIGNAL)` of `buf`; may send less than all of it.
+pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`, borrowed for the
+    // duration of the call.
+    let r = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}

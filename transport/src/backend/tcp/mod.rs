@@ -188,7 +188,7 @@ impl TcpEngine {
                 rearm_accept: true,
                 poll: self.core.config.wait == crate::config::WaitMode::BusyPoll,
                 to_arm: Vec::new(),
-                repoll: Vec::new(),
+                pollers: Vec::new(),
             },
             conns: HashMap::new(),
             cqes: Vec::with_capacity(256),
@@ -276,7 +276,6 @@ impl Engine for TcpEngine {
             return 0;
         };
         let mut work = st.reap();
-        st.repoll();
         work += self.drain_ctl(st);
         let mut n = 0;
         while n < CMD_BUDGET {
@@ -291,6 +290,7 @@ impl Engine for TcpEngine {
             st.admit(&shared, req);
         }
         work += n;
+        work += st.poll_sockets();
         st.maybe_tick();
         // Sends first, then receives: one enter submits both, answers leave first.
         st.flush_dirty();
@@ -674,6 +674,8 @@ struct Conn {
     recv_into: RecvInto,
     /// A recv prepared during this pass, pushed after the pass's sends.
     recv_req: Option<RecvReq>,
+    /// Busy-poll mode: waiting for bytes, polled every pass (see `State::poll_sockets`).
+    polling: bool,
     rx_stalled: bool,
     txq: VecDeque<Tx>,
     tx_busy: bool,
@@ -706,6 +708,7 @@ impl Conn {
             recv_busy: false,
             recv_into: RecvInto::Stage,
             recv_req: None,
+            polling: false,
             rx_stalled: false,
             txq: VecDeque::new(),
             tx_busy: false,
@@ -740,13 +743,12 @@ struct Ctx {
     wake_armed: bool,
     last_tick: Instant,
     rearm_accept: bool,
-    /// Busy-poll mode: idle connections are polled with `MSG_DONTWAIT` receives on every
-    /// pass instead of keeping a receive armed (no wake-up, no task work on the path).
+    /// Busy-poll mode: see [`State::poll_sockets`].
     poll: bool,
     /// Connections with a prepared recv to push after this pass's sends.
     to_arm: Vec<u64>,
-    /// Connections whose poll found nothing; polled again next pass.
-    repoll: Vec<u64>,
+    /// Busy-poll mode: connections waiting for bytes into their staging buffer.
+    pollers: Vec<u64>,
 }
 
 struct State {
@@ -860,22 +862,59 @@ impl State {
         }
     }
 
-    /// Busy-poll: poll again the connections whose last poll found nothing.
-    fn repoll(&mut self) {
-        if self.ctx.repoll.is_empty() {
-            return;
+    /// Busy-poll mode: read every waiting connection with a non-blocking `recv`.
+    ///
+    /// Measured on this project's reference machine (Linux 6.18, a 2-vCPU VM), a
+    /// `recv(MSG_DONTWAIT)` that finds nothing costs about 0.5 µs, the same receive
+    /// through `io_uring_enter` about 1.2 µs; a spinning poller pays that cost on every
+    /// pass, and half of it on average before it notices data. So in busy-poll mode
+    /// small receives and single-range sends use direct non-blocking system calls, while
+    /// bulk payloads (received straight into regions with `MSG_WAITALL`), gathered sends
+    /// and every wait in blocking mode stay on io_uring.
+    fn poll_sockets(&mut self) -> usize {
+        if self.ctx.pollers.is_empty() {
+            return 0;
         }
-        let mut ids = std::mem::take(&mut self.ctx.repoll);
-        for id in ids.drain(..) {
-            if let Some(conn) = self.conns.get_mut(&id)
-                && !conn.recv_busy
-            {
-                self.ctx.pump_rx(conn);
+        let mut work = 0;
+        let mut ids = std::mem::take(&mut self.ctx.pollers);
+        ids.retain(|id| {
+            let Some(conn) = self.conns.get_mut(id) else {
+                return false;
+            };
+            if !conn.polling || conn.closing.is_some() {
+                conn.polling = false;
+                return false;
             }
-        }
-        if self.ctx.repoll.is_empty() {
-            self.ctx.repoll = ids;
-        }
+            let Some(stage) = conn.stage.as_mut() else {
+                return true;
+            };
+            match sys::recv_nonblocking(conn.sock.as_raw_fd(), &mut stage[conn.hi..]) {
+                Ok(0) => {
+                    conn.polling = false;
+                    let why = "the peer closed the connection".to_string();
+                    self.ctx.fail_conn(conn, why, false);
+                    false
+                }
+                Ok(n) => {
+                    conn.polling = false;
+                    conn.hi += n;
+                    work += 1;
+                    self.ctx.pump_rx(conn);
+                    false
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+                Err(e) => {
+                    conn.polling = false;
+                    self.ctx.fail_conn(conn, format!("recv failed: {e}"), false);
+                    false
+                }
+            }
+        });
+        // Connections that started polling during this pass were added meanwhile.
+        ids.append(&mut self.ctx.pollers);
+        self.ctx.pollers = ids;
+        work
     }
 
     fn flush_dirty(&mut self) {
@@ -1270,9 +1309,16 @@ impl Ctx {
             conn.hi -= conn.lo;
             conn.lo = 0;
         }
+        if self.poll {
+            conn.stage = Some(stage);
+            if !conn.polling {
+                conn.polling = true;
+                self.pollers.push(conn.id);
+            }
+            return;
+        }
         let (start, len) = (conn.hi, STAGE_LEN - conn.hi);
-        let flags = if self.poll { libc::MSG_DONTWAIT } else { 0 };
-        self.prepare_recv(conn, Buf::Heap(stage), start, len, flags, RecvInto::Stage);
+        self.prepare_recv(conn, Buf::Heap(stage), start, len, 0, RecvInto::Stage);
     }
 
     fn arm_recv_direct(&mut self, conn: &mut Conn, buf: Buf, start: usize, len: usize) {
@@ -1303,16 +1349,6 @@ impl Ctx {
 
     fn on_recv(&mut self, conn: &mut Conn, res: i32, held: Held) {
         conn.recv_busy = false;
-        if res == -libc::EAGAIN {
-            // A busy-poll receive found nothing: poll again next pass.
-            if let Held::Buf(Buf::Heap(v)) = held
-                && conn.recv_into == RecvInto::Stage
-            {
-                conn.stage = Some(v);
-            }
-            self.repoll.push(conn.id);
-            return;
-        }
         let n = match res {
             r if r > 0 => r as usize,
             0 => {
@@ -1361,7 +1397,7 @@ impl Ctx {
     /// Decode and execute everything the staging buffer holds, then arm the next recv.
     fn pump_rx(&mut self, conn: &mut Conn) {
         loop {
-            if conn.closing.is_some() || conn.recv_busy || conn.rx_stalled {
+            if conn.closing.is_some() || conn.recv_busy || conn.rx_stalled || conn.polling {
                 return;
             }
             match &mut conn.rx {
@@ -1910,17 +1946,51 @@ impl Ctx {
                 });
             }
         }
+        let mut sent = 0;
+        if self.poll && g.segs.len() == 1 {
+            // Busy-poll mode: one contiguous range goes out with a direct non-blocking
+            // send (see `State::poll_sockets` for why); what does not fit the socket
+            // buffer continues through the ring.
+            match sys::send_nonblocking(conn.fd(), &arena) {
+                Ok(n) => sent = n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail_conn(conn, format!("send failed: {e}"), false),
+            }
+            if sent == arena.len() {
+                g.bufs.clear();
+                g.bufs.push(Buf::Heap(arena));
+                return self.sent_all(conn, g);
+            }
+        }
         g.bufs[0] = Buf::Heap(arena);
-        conn.tx_sent = 0;
-        match self.ring.sendmsg(conn.fd(), g, 0, tag(conn.id, K_SEND)) {
+        conn.tx_sent = sent;
+        match self.ring.sendmsg(conn.fd(), g, sent, tag(conn.id, K_SEND)) {
             Ok(()) => conn.tx_busy = true,
             Err(e) => self.fail_conn(conn, format!("cannot queue sendmsg: {e}"), false),
         }
     }
 
+    /// Everything in `g` went out: recycle the arena and the lists, release the
+    /// payloads, and go on with what is queued.
+    fn sent_all(&mut self, conn: &mut Conn, mut g: Gather) {
+        if let Some(Buf::Heap(a)) = g.bufs.drain(..).next() {
+            conn.arena = a;
+        }
+        g.segs.clear();
+        conn.spare = Some(g);
+        if let Some(why) = conn.close_after_flush.take() {
+            self.fail_conn(conn, why, true);
+            return;
+        }
+        if !conn.txq.is_empty() {
+            self.mark_dirty(conn);
+        }
+    }
+
     fn on_send(&mut self, conn: &mut Conn, res: i32, held: Held) {
         conn.tx_busy = false;
-        let Held::Gather(mut g) = held else {
+        let Held::Gather(g) = held else {
             return;
         };
         if res <= 0 {
@@ -1943,19 +2013,7 @@ impl Ctx {
             }
             return;
         }
-        // Everything went out: recycle the arena and the lists, release the payloads.
-        if let Some(Buf::Heap(a)) = g.bufs.drain(..).next() {
-            conn.arena = a;
-        }
-        g.segs.clear();
-        conn.spare = Some(g);
-        if let Some(why) = conn.close_after_flush.take() {
-            self.fail_conn(conn, why, true);
-            return;
-        }
-        if !conn.txq.is_empty() {
-            self.mark_dirty(conn);
-        }
+        self.sent_all(conn, g);
     }
 
     // ---- teardown ----
