@@ -92,6 +92,7 @@ mod backend;
 mod config;
 mod endpoint;
 mod error;
+mod idmap;
 mod key;
 mod op;
 mod region;

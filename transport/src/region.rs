@@ -1,6 +1,5 @@
 //! Registered memory regions, their keys, and the target-side access check.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -257,7 +256,7 @@ pub(crate) fn faa(a: &AtomicU64, add: u64) -> u64 {
 pub(crate) struct RegionTable {
     owner: u64,
     next: AtomicU64,
-    map: RwLock<HashMap<u64, Weak<RegionInner>>>,
+    map: RwLock<crate::idmap::IdMap<Weak<RegionInner>>>,
 }
 
 /// A refused access: the wire code and a human explanation for the initiator.
@@ -272,7 +271,7 @@ impl RegionTable {
         Arc::new(RegionTable {
             owner,
             next: AtomicU64::new(1),
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(crate::idmap::IdMap::default()),
         })
     }
 

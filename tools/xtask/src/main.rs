@@ -1,1 +1,400 @@
-fn main() {}
+//! PacketFS entry points.
+//!
+//! * `cargo xtask bench` — the main job: installs the baseline tools, builds, runs
+//!   `pfs-bench` over every backend this machine can run, side by side with iperf3 and
+//!   sockperf (interleaved), and ends with the reality check.
+//! * `cargo xtask test` — everything CI runs: formatting, clippy, licences, every test
+//!   tier, and a quick run of the main job; prints the time of each phase.
+//! * `cargo xtask deps` — install what the two commands need (idempotent).
+//! * `cargo xtask licenses` — check every dependency's licence against the allowed list.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+const USAGE: &str = "usage: cargo xtask <bench [--quick] | test | deps | licenses>
+
+  bench      the main job: pfs-bench on every available backend, side by side with
+             iperf3 and sockperf (interleaved, median ratio), ending in the reality check
+             --quick   shorter runs (a smoke test of the main job)
+  test       fmt, clippy, licences, all tests, and a quick main job; prints phase times
+  deps       install the Debian packages the commands need (idempotent; needs root)
+  licenses   check dependency licences";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("bench") => bench(args[1..].iter().any(|a| a == "--quick")),
+        Some("test") => test(),
+        Some("deps") => deps(),
+        Some("licenses") | Some("licences") => licenses(),
+        Some("-h") | Some("--help") | Some("help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => {
+            eprintln!("unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type R = Result<(), String>;
+
+fn root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .expect("xtask lives in tools/xtask")
+        .to_path_buf()
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Run a command in the repository root, echoing it; fail with its name on error.
+fn run(cmd: &str, args: &[&str]) -> R {
+    println!("$ {cmd} {}", args.join(" "));
+    let status = Command::new(cmd)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{cmd} {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Debian packages by the tool that proves they are installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("sockperf", "sockperf"),
+    ("taskset", "util-linux"),
+];
+
+fn deps() -> R {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("deps: iperf3, sockperf and taskset are installed");
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "missing {}: run as root, or install them with `sudo apt-get install -y {}`",
+            missing.join(", "),
+            missing.join(" ")
+        ));
+    }
+    if !have("apt-get") {
+        return Err(format!(
+            "missing {} and no apt-get here: install them with your package manager",
+            missing.join(", ")
+        ));
+    }
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    let update = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .envs(env)
+        .status()
+        .map_err(|e| format!("apt-get update: {e}"))?;
+    if !update.success() {
+        return Err("apt-get update failed".into());
+    }
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter());
+    println!("$ apt-get {}", args.join(" "));
+    let st = Command::new("apt-get")
+        .args(&args)
+        .envs(env)
+        .status()
+        .map_err(|e| format!("apt-get install: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("apt-get install {} failed", missing.join(" ")))
+    }
+}
+
+fn build_release() -> R {
+    run(&cargo(), &["build", "--release", "--workspace", "--all-features"])
+}
+
+fn bench_binary() -> String {
+    root()
+        .join("target/release/pfs-bench")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn bench(quick: bool) -> R {
+    let t = Instant::now();
+    deps()?;
+    build_release()?;
+    let bin = bench_binary();
+    let out = root().join("results");
+    std::fs::create_dir_all(&out).map_err(|e| format!("mkdir results: {e}"))?;
+    let run_json = out.join("run.json");
+    let cmp_json = out.join("compare.json");
+    let duration = if quick { "500ms" } else { "2s" };
+    run(
+        &bin,
+        &[
+            "run",
+            "--duration",
+            duration,
+            "--json",
+            &run_json.to_string_lossy(),
+        ],
+    )?;
+    let (pairs, secs) = if quick { ("1", "1s") } else { ("3", "3s") };
+    run(
+        &bin,
+        &[
+            "compare",
+            "--pairs",
+            pairs,
+            "--duration",
+            secs,
+            "--json",
+            &cmp_json.to_string_lossy(),
+        ],
+    )?;
+    println!(
+        "\nmain job finished in {:.0} s; JSON in {} and {}",
+        t.elapsed().as_secs_f64(),
+        run_json.display(),
+        cmp_json.display()
+    );
+    Ok(())
+}
+
+struct Phases(Vec<(String, f64, bool)>);
+
+impl Phases {
+    fn run(&mut self, name: &str, f: impl FnOnce() -> R) -> R {
+        println!("\n=== {name} ===");
+        let t = Instant::now();
+        let r = f();
+        let secs = t.elapsed().as_secs_f64();
+        println!("=== {name}: {} in {secs:.1} s ===", if r.is_ok() { "ok" } else { "FAILED" });
+        self.0.push((name.to_string(), secs, r.is_ok()));
+        r
+    }
+
+    fn print(&self) {
+        println!("\nphase times:");
+        let mut total = 0.0;
+        for (n, s, ok) in &self.0 {
+            println!("  {n:<28} {s:>7.1} s  {}", if *ok { "ok" } else { "FAILED" });
+            total += s;
+        }
+        println!("  {:<28} {total:>7.1} s", "total");
+    }
+}
+
+fn test() -> R {
+    let mut p = Phases(Vec::new());
+    let r = (|| {
+        p.run("deps", deps)?;
+        p.run("fmt", || run(&cargo(), &["fmt", "--all", "--", "--check"]))?;
+        p.run("clippy", || {
+            run(
+                &cargo(),
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--all-features",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        })?;
+        p.run("licenses", licenses)?;
+        p.run("build (release)", build_release)?;
+        // Tier 1 (unit, property) and tier 2 (conformance over every backend that runs
+        // here), in release mode so that the large-transfer test moves 1 GiB.
+        p.run("tests", || {
+            run(
+                &cargo(),
+                &["test", "--release", "--workspace", "--all-features"],
+            )
+        })?;
+        p.run("docs", || {
+            run(
+                &cargo(),
+                &["doc", "--workspace", "--no-deps", "--all-features"],
+            )
+        })?;
+        p.run("main job (quick)", || bench(true))?;
+        Ok(())
+    })();
+    p.print();
+    r
+}
+
+/// SPDX identifiers whose terms allow linking into a MIT OR Apache-2.0 project.
+const ALLOWED: &[&str] = &[
+    "MIT",
+    "Apache-2.0",
+    "Apache-2.0 WITH LLVM-exception",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "ISC",
+    "Zlib",
+    "0BSD",
+    "CC0-1.0",
+    "Unlicense",
+    "BSL-1.0",
+    "Unicode-3.0",
+    "Unicode-DFS-2016",
+    "MPL-2.0",
+];
+
+/// Whether an SPDX expression (with `OR`, `AND`, `WITH`, parentheses, and the legacy
+/// `/` for OR) can be satisfied with allowed licences only.
+fn satisfiable(expr: &str) -> bool {
+    let expr = expr.replace('/', " OR ");
+    let tokens: Vec<String> = expr
+        .replace('(', " ( ")
+        .replace(')', " ) ")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let mut pos = 0;
+    let r = parse_or(&tokens, &mut pos);
+    r.unwrap_or(false) && pos == tokens.len()
+}
+
+fn parse_or(t: &[String], pos: &mut usize) -> Option<bool> {
+    let mut v = parse_and(t, pos)?;
+    while t.get(*pos).map(String::as_str) == Some("OR") {
+        *pos += 1;
+        v |= parse_and(t, pos)?;
+    }
+    Some(v)
+}
+
+fn parse_and(t: &[String], pos: &mut usize) -> Option<bool> {
+    let mut v = parse_atom(t, pos)?;
+    while t.get(*pos).map(String::as_str) == Some("AND") {
+        *pos += 1;
+        v &= parse_atom(t, pos)?;
+    }
+    Some(v)
+}
+
+fn parse_atom(t: &[String], pos: &mut usize) -> Option<bool> {
+    let tok = t.get(*pos)?.clone();
+    *pos += 1;
+    if tok == "(" {
+        let v = parse_or(t, pos)?;
+        if t.get(*pos).map(String::as_str) != Some(")") {
+            return None;
+        }
+        *pos += 1;
+        return Some(v);
+    }
+    let mut id = tok;
+    if t.get(*pos).map(String::as_str) == Some("WITH") {
+        id = format!("{id} WITH {}", t.get(*pos + 1)?);
+        *pos += 2;
+    }
+    Some(ALLOWED.contains(&id.as_str()) || ALLOWED.contains(&id.split(" WITH ").next()?))
+}
+
+fn licenses() -> R {
+    let out = Command::new(cargo())
+        .args(["metadata", "--format-version", "1", "--all-features"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cargo metadata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata JSON: {e}"))?;
+    let mut bad = Vec::new();
+    let mut n = 0;
+    for p in v["packages"].as_array().into_iter().flatten() {
+        n += 1;
+        let name = p["name"].as_str().unwrap_or("?");
+        let ver = p["version"].as_str().unwrap_or("?");
+        match p["license"].as_str() {
+            Some(l) if satisfiable(l) => {}
+            Some(l) => bad.push(format!("{name} {ver}: {l}")),
+            None => {
+                // Workspace crates inherit the workspace licence; others must declare one.
+                if p["source"].is_null() {
+                    continue;
+                }
+                bad.push(format!("{name} {ver}: no licence declared"));
+            }
+        }
+    }
+    if bad.is_empty() {
+        println!("licenses: all {n} packages are under licences compatible with MIT OR Apache-2.0");
+        Ok(())
+    } else {
+        Err(format!(
+            "dependencies with licences outside the allowed list:\n  {}",
+            bad.join("\n  ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::satisfiable;
+
+    #[test]
+    fn spdx_expressions() {
+        assert!(satisfiable("MIT"));
+        assert!(satisfiable("MIT OR Apache-2.0"));
+        assert!(satisfiable("MIT/Apache-2.0"));
+        assert!(satisfiable("(MIT OR Apache-2.0) AND Unicode-3.0"));
+        assert!(satisfiable("Apache-2.0 WITH LLVM-exception OR Apache-2.0"));
+        assert!(satisfiable("LGPL-2.1-only OR BSD-2-Clause"));
+        assert!(!satisfiable("LGPL-2.1-only"));
+        assert!(!satisfiable("GPL-3.0-only"));
+        assert!(!satisfiable("MIT AND GPL-2.0-only"));
+        assert!(satisfiable("GPL-2.0-only OR MIT"));
+        assert!(!satisfiable("(MIT"));
+        assert!(!satisfiable(""));
+    }
+}

@@ -13,7 +13,9 @@
 //! against the region table (token, rights, revocation, expiry, bounds, alignment)
 //! before a byte is placed or read; refused write payloads are drained and discarded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::idmap::IdMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
@@ -190,7 +192,7 @@ impl TcpEngine {
                 to_arm: Vec::new(),
                 pollers: Vec::new(),
             },
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             cqes: Vec::with_capacity(256),
         };
         st.arm_listeners();
@@ -683,7 +685,7 @@ struct Conn {
     spare: Option<Gather>,
     arena: Vec<u8>,
     in_dirty: bool,
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
     timeouts: VecDeque<(Instant, u64)>,
     fence: Option<OpReq>,
     held: VecDeque<OpReq>,
@@ -716,7 +718,7 @@ impl Conn {
             spare: None,
             arena: Vec::new(),
             in_dirty: false,
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             timeouts: VecDeque::new(),
             fence: None,
             held: VecDeque::new(),
@@ -753,7 +755,7 @@ struct Ctx {
 
 struct State {
     ctx: Ctx,
-    conns: HashMap<u64, Conn>,
+    conns: IdMap<Conn>,
     cqes: Vec<Cqe>,
 }
 
