@@ -14,9 +14,8 @@ fn main() -> pfs_transport::Result<()> {
     // minute.
     let target = Endpoint::bind(EndpointConfig::new().listen("tcp://127.0.0.1:0")?)?;
     let region = target.alloc_region(64 << 20, Rights::ALL)?;
-    let key = region.key_with(
-        KeyOptions::new(Rights::ALL).expires_in(std::time::Duration::from_secs(60)),
-    )?;
+    let key = region
+        .key_with(KeyOptions::new(Rights::ALL).expires_in(std::time::Duration::from_secs(60)))?;
     println!("target listens on {}", target.local_addrs()[0]);
     // The key is a capability: whoever holds its string gets its rights until it
     // expires or is revoked. Real applications hand it only to the peer that needs it.
@@ -53,7 +52,8 @@ fn main() -> pfs_transport::Result<()> {
 
     // A write that tells the target it landed.
     local.write_at(0, b"done")?;
-    conn.write_with_notify(&local, 0, &key, 40 << 20, 4, 7)?.wait()?;
+    conn.write_with_notify(&local, 0, &key, 40 << 20, 4, 7)?
+        .wait()?;
     let n = peer
         .notification_timeout(std::time::Duration::from_secs(5))?
         .expect("notification");

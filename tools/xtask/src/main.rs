@@ -147,7 +147,10 @@ fn deps() -> R {
 }
 
 fn build_release() -> R {
-    run(&cargo(), &["build", "--release", "--workspace", "--all-features"])
+    run(
+        &cargo(),
+        &["build", "--release", "--workspace", "--all-features"],
+    )
 }
 
 fn bench_binary() -> String {
@@ -207,7 +210,10 @@ impl Phases {
         let t = Instant::now();
         let r = f();
         let secs = t.elapsed().as_secs_f64();
-        println!("=== {name}: {} in {secs:.1} s ===", if r.is_ok() { "ok" } else { "FAILED" });
+        println!(
+            "=== {name}: {} in {secs:.1} s ===",
+            if r.is_ok() { "ok" } else { "FAILED" }
+        );
         self.0.push((name.to_string(), secs, r.is_ok()));
         r
     }
@@ -216,7 +222,10 @@ impl Phases {
         println!("\nphase times:");
         let mut total = 0.0;
         for (n, s, ok) in &self.0 {
-            println!("  {n:<28} {s:>7.1} s  {}", if *ok { "ok" } else { "FAILED" });
+            println!(
+                "  {n:<28} {s:>7.1} s  {}",
+                if *ok { "ok" } else { "FAILED" }
+            );
             total += s;
         }
         println!("  {:<28} {total:>7.1} s", "total");
