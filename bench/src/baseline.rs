@@ -288,7 +288,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     // Bandwidth: tcp backend, 1 MiB writes, vs iperf3 single TCP stream.
     let mut bw = Vec::new();
     for i in 0..a.pairs {
-        eprint!("  bandwidth pair {}/{} ...\r", i + 1, a.pairs);
+        units::progress(&format!("  bandwidth pair {}/{} ...", i + 1, a.pairs));
         let (server, addr) = pfs_server()?;
         let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode)?;
         drop(server);
@@ -322,12 +322,12 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     for tcp in [false, true] {
         let mut lat = Vec::new();
         for i in 0..a.pairs {
-            eprint!(
-                "  latency pair {}/{} (sockperf {}) ...\r",
+            units::progress(&format!(
+                "  latency pair {}/{} (sockperf {}) ...",
                 i + 1,
                 a.pairs,
                 if tcp { "tcp" } else { "udp" }
-            );
+            ));
             let (server, addr) = pfs_server()?;
             let m = client_measure(&addr, Test::Latency, 64, 1, dur, warm, mode)?;
             drop(server);
@@ -357,7 +357,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             Some(1.0),
         ));
     }
-    eprint!("{:70}\r", "");
+    units::progress_done();
     report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
     report.elapsed_s = started.elapsed().as_secs_f64();

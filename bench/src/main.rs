@@ -313,10 +313,14 @@ fn default_run(a: &RunArgs) -> AnyResult {
                 duration: a.duration,
                 warmup: Duration::from_millis(300),
             };
-            eprint!("  {kind} {} {} ...\r", test.name(), units::fmt_size(size));
+            units::progress(&format!(
+                "  {kind} {} {} ...",
+                test.name(),
+                units::fmt_size(size)
+            ));
             report.results.push(c.run(&p)?);
         }
-        eprint!("{:60}\r", "");
+        units::progress_done();
     }
     report.memcpy = Some(memcpy::measure(a.duration.min(Duration::from_secs(2))));
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();

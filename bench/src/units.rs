@@ -62,6 +62,25 @@ pub fn fmt_size(n: u64) -> String {
     format!("{n} B")
 }
 
+/// Progress for a person: a line that rewrites itself on a terminal, plain lines in a
+/// pipe (so logs stay readable).
+pub fn progress(msg: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
+/// Clear the progress line on a terminal.
+pub fn progress_done() {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K");
+    }
+}
+
 /// A rate in bytes per second as GB/s (10^9).
 pub fn gbytes(bps: f64) -> String {
     format!("{:.2} GB/s", bps / 1e9)
