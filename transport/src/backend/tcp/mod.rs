@@ -76,6 +76,8 @@ pub(crate) struct TcpEngine {
     me: Weak<TcpEngine>,
     ops: ArrayQueue<(Arc<ConnShared>, OpReq)>,
     ctl: Mutex<Vec<Ctl>>,
+    /// Set when `ctl` may hold something, so that idle passes skip the lock.
+    ctl_pending: AtomicBool,
     state: Mutex<Option<State>>,
     listeners: Mutex<Vec<TcpListener>>,
     addrs: Vec<SocketAddr>,
@@ -118,6 +120,7 @@ impl TcpEngine {
             me: me.clone(),
             ops: ArrayQueue::new(cap),
             ctl: Mutex::new(Vec::new()),
+            ctl_pending: AtomicBool::new(false),
             state: Mutex::new(None),
             listeners: Mutex::new(listeners),
             addrs,
@@ -191,6 +194,7 @@ impl TcpEngine {
                 poll: self.core.config.wait == crate::config::WaitMode::BusyPoll,
                 to_arm: Vec::new(),
                 pollers: Vec::new(),
+                passes: 0,
             },
             conns: IdMap::default(),
             cqes: Vec::with_capacity(256),
@@ -213,7 +217,16 @@ impl TcpEngine {
         self.is_dead.store(true, Ordering::SeqCst);
     }
 
+    fn push_ctl(&self, c: Ctl) {
+        self.ctl.lock().expect("ctl lock").push(c);
+        self.ctl_pending.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
     fn drain_ctl(&self, st: &mut State) -> usize {
+        if !self.ctl_pending.swap(false, Ordering::AcqRel) {
+            return 0;
+        }
         let ctl = std::mem::take(&mut *self.ctl.lock().expect("ctl lock"));
         let n = ctl.len();
         for c in ctl {
@@ -252,19 +265,11 @@ impl Engine for TcpEngine {
     }
 
     fn close(&self, conn: &Arc<ConnShared>) {
-        self.ctl
-            .lock()
-            .expect("ctl lock")
-            .push(Ctl::Close(conn.clone()));
-        self.wake();
+        self.push_ctl(Ctl::Close(conn.clone()));
     }
 
     fn room_available(&self, conn: &Arc<ConnShared>) {
-        self.ctl
-            .lock()
-            .expect("ctl lock")
-            .push(Ctl::Room(conn.clone()));
-        self.wake();
+        self.push_ctl(Ctl::Room(conn.clone()));
     }
 
     fn progress(&self) -> usize {
@@ -292,6 +297,12 @@ impl Engine for TcpEngine {
             st.admit(&shared, req);
         }
         work += n;
+        // New requests leave before this pass polls for input (a poll is a system call
+        // on the request's critical path otherwise); answers to what the poll brings
+        // leave with the flush below.
+        if n > 0 {
+            st.flush_dirty();
+        }
         work += st.poll_sockets();
         st.maybe_tick();
         // Sends first, then receives: one enter submits both, answers leave first.
@@ -330,7 +341,7 @@ impl Engine for TcpEngine {
         };
         self.sleeping.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if !self.ops.is_empty() || !self.ctl.lock().expect("ctl lock").is_empty() {
+        if !self.ops.is_empty() || self.ctl_pending.load(Ordering::SeqCst) {
             self.sleeping.store(false, Ordering::SeqCst);
             return;
         }
@@ -400,11 +411,7 @@ impl Engine for TcpEngine {
             Address::Tcp(sa),
             hs.max_payload,
         );
-        self.ctl
-            .lock()
-            .expect("ctl lock")
-            .push(Ctl::Adopt(shared.clone(), s));
-        self.wake();
+        self.push_ctl(Ctl::Adopt(shared.clone(), s));
         tracing::debug!(peer = %addr, conn = shared.id, "connected");
         Ok(shared)
     }
@@ -747,6 +754,8 @@ struct Ctx {
     rearm_accept: bool,
     /// Busy-poll mode: see [`State::poll_sockets`].
     poll: bool,
+    /// Passes since start (busy-poll mode), to space out clock reads.
+    passes: u32,
     /// Connections with a prepared recv to push after this pass's sends.
     to_arm: Vec<u64>,
     /// Busy-poll mode: connections waiting for bytes into their staging buffer.
@@ -1029,6 +1038,14 @@ impl State {
     }
 
     fn maybe_tick(&mut self) {
+        // A busy-polling engine makes hundreds of thousands of passes a second: look at
+        // the clock on every 16th only (timeouts have millisecond granularity anyway).
+        if self.ctx.poll {
+            self.ctx.passes = self.ctx.passes.wrapping_add(1);
+            if !self.ctx.passes.is_multiple_of(16) {
+                return;
+            }
+        }
         let now = Instant::now();
         if now.duration_since(self.ctx.last_tick) < TICK {
             return;
