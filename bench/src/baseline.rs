@@ -290,7 +290,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     for i in 0..a.pairs {
         units::progress(&format!("  bandwidth pair {}/{} ...", i + 1, a.pairs));
         let (server, addr) = pfs_server()?;
-        let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode)?;
+        let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode, false)?;
         drop(server);
         let theirs = iperf3(secs)?;
         bw.push((m.gbit_per_s, theirs));
@@ -329,7 +329,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
                 if tcp { "tcp" } else { "udp" }
             ));
             let (server, addr) = pfs_server()?;
-            let m = client_measure(&addr, Test::Latency, 64, 1, dur, warm, mode)?;
+            let m = client_measure(&addr, Test::Latency, 64, 1, dur, warm, mode, false)?;
             drop(server);
             let ours = m.latency.as_ref().map_or(f64::NAN, |l| l.p50_us);
             let theirs = sockperf(secs, tcp)?;

@@ -106,6 +106,9 @@ struct ClientArgs {
     /// Pin this thread to a CPU.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Send payloads of 64 KiB and more with zero-copy sends (IORING_OP_SENDMSG_ZC).
+    #[arg(long)]
+    zero_copy_send: bool,
     /// Write the results as JSON to this file (`-` for stdout).
     #[arg(long)]
     json: Option<String>,
@@ -367,6 +370,7 @@ fn server(a: &ServerArgs) -> AnyResult {
 
 /// Run one measurement as a client of a `pfs-bench server` (used by `client` and by
 /// `compare`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn client_measure(
     addr: &Address,
     test: Test,
@@ -375,12 +379,15 @@ pub(crate) fn client_measure(
     duration: Duration,
     warmup: Duration,
     mode: &str,
+    zero_copy_send: bool,
 ) -> AnyResult<scenario::Measurement> {
-    let ep = Endpoint::bind(
-        EndpointConfig::new()
-            .progress(Progress::Caller)
-            .wait_mode(WaitMode::BusyPoll),
-    )?;
+    let mut cfg = EndpointConfig::new()
+        .progress(Progress::Caller)
+        .wait_mode(WaitMode::BusyPoll);
+    if zero_copy_send {
+        cfg = cfg.zero_copy_send(64 << 10);
+    }
+    let ep = Endpoint::bind(cfg)?;
     let conn = ep.connect_addr(addr)?;
     let region = match test {
         Test::Latency | Test::ReadLatency | Test::Atomic => (1 << 20).max(size),
@@ -411,11 +418,25 @@ fn client(a: &ClientArgs) -> AnyResult {
     }
     let depth = a.depth.map_or(default_depth(a.test), |d| d as usize);
     let mode = format!(
-        "busy-poll, client drives progress{}",
+        "busy-poll, client drives progress{}{}",
         a.cpu
-            .map_or(String::new(), |c| format!(", pinned to CPU {c}"))
+            .map_or(String::new(), |c| format!(", pinned to CPU {c}")),
+        if a.zero_copy_send {
+            ", zero-copy sends from 64 KiB"
+        } else {
+            ""
+        }
     );
-    let m = client_measure(&addr, a.test, a.size, depth, a.duration, a.warmup, &mode)?;
+    let m = client_measure(
+        &addr,
+        a.test,
+        a.size,
+        depth,
+        a.duration,
+        a.warmup,
+        &mode,
+        a.zero_copy_send,
+    )?;
     let mut report = Report::new();
     report.results.push(m);
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();

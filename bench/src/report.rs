@@ -258,6 +258,15 @@ impl Report {
         if let Some(m) = self.results.first() {
             println!("mode: {}", m.mode);
         }
+        for m in self.results.iter().filter(|m| m.zero_copy_sends > 0) {
+            println!(
+                "zero-copy sends ({} {}): {}, of which the kernel reported {} copied",
+                m.test.name(),
+                fmt_size(m.size),
+                thousands(m.zero_copy_sends as f64),
+                thousands(m.zero_copy_sends_copied as f64)
+            );
+        }
     }
 
     pub fn print_comparisons(&self) {

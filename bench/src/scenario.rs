@@ -100,6 +100,10 @@ pub struct Measurement {
     pub copies_per_byte: Option<f64>,
     /// How the run was driven (progress, pinning).
     pub mode: String,
+    /// Zero-copy sends completed, and how many of them the kernel copied after all
+    /// (both 0 unless the client asked for zero-copy sends).
+    pub zero_copy_sends: u64,
+    pub zero_copy_sends_copied: u64,
 }
 
 /// Everything a run needs on the initiator side.
@@ -216,6 +220,8 @@ impl Client<'_> {
             latency: None,
             copies_per_byte: copies,
             mode: self.mode.clone(),
+            zero_copy_sends: after.zero_copy_sends - before.zero_copy_sends,
+            zero_copy_sends_copied: after.zero_copy_sends_copied - before.zero_copy_sends_copied,
         })
     }
 
@@ -260,6 +266,8 @@ impl Client<'_> {
             latency: Some(Latency::from_hist(&hist)),
             copies_per_byte: None,
             mode: self.mode.clone(),
+            zero_copy_sends: 0,
+            zero_copy_sends_copied: 0,
         })
     }
 }

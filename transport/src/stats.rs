@@ -68,6 +68,10 @@ counters! {
     /// the kernel's copies: the rest of received payload was placed by the kernel
     /// directly at its destination.
     bytes_copied_in_user_space,
+    /// Zero-copy sends completed (see `EndpointConfig::zero_copy_send`).
+    zero_copy_sends,
+    /// Zero-copy sends whose data the kernel copied after all (loopback, veth, …).
+    zero_copy_sends_copied,
     /// Write notifications delivered to this side.
     notifications,
     /// Incoming data discarded: payloads of refused writes, late responses.

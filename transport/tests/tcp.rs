@@ -37,9 +37,26 @@ fn tcp(mode: Mode) -> Fixture {
         mode,
         large: large(),
         raw_garbage,
+        tweak: |c| c,
+    }
+}
+
+/// Zero-copy sends for every payload of 4 KiB and more, on both sides.
+fn tcp_zero_copy(mode: Mode) -> Fixture {
+    Fixture {
+        tweak: |c| c.zero_copy_send(4096),
+        ..tcp(mode)
     }
 }
 
 conformance_suite!(thread_block, super::tcp(super::Mode::ThreadBlock));
 conformance_suite!(caller_busy, super::tcp(super::Mode::CallerBusy));
 conformance_suite!(thread_busy, super::tcp(super::Mode::ThreadBusy));
+conformance_suite!(
+    zero_copy_thread,
+    super::tcp_zero_copy(super::Mode::ThreadBlock)
+);
+conformance_suite!(
+    zero_copy_caller,
+    super::tcp_zero_copy(super::Mode::CallerBusy)
+);

@@ -69,7 +69,8 @@ impl Gather {
 /// Buffers handed back with a completion.
 #[derive(Debug)]
 pub(crate) enum Held {
-    /// Nothing (accept).
+    /// Nothing (accept), or — for a zero-copy send's first completion — nothing *yet*:
+    /// the kernel keeps the buffers until the notification that follows.
     None,
     /// The buffer of a recv.
     Buf(Buf),
@@ -85,6 +86,31 @@ pub(crate) struct Cqe {
     pub(crate) tag: u64,
     pub(crate) res: i32,
     pub(crate) held: Held,
+    /// A zero-copy send's result, arriving before its notification: the buffers come
+    /// back with a later completion whose `zc_notif` is set.
+    pub(crate) zc_more: bool,
+    /// The notification of a zero-copy send whose result came earlier (`zc_more`): the
+    /// buffers are back; `res` is meaningless.
+    pub(crate) zc_notif: bool,
+    /// For a completion that includes a zero-copy notification (`zc_notif`, or a plain
+    /// completion whose notification came first): whether the kernel copied the data.
+    pub(crate) zc_copied: Option<bool>,
+}
+
+/// Bit of a zero-copy notification's result: the kernel copied the data.
+const ZC_COPIED: i32 = i32::MIN;
+/// `IORING_SEND_ZC_REPORT_USAGE`: ask the notification to say whether data was copied.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+
+/// Where a zero-copy send stands (its two completions may come in either order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zc {
+    /// Not a zero-copy send, or nothing arrived yet.
+    Waiting,
+    /// The result arrived (and was reported); the notification has not.
+    ResultSeen,
+    /// The notification arrived first (with this copied flag); the result has not.
+    NotifSeen(bool),
 }
 
 /// What the kernel may be using for one in-flight operation.
@@ -99,6 +125,7 @@ enum Slot {
         gather: Gather,
         _iov: Box<[libc::iovec]>,
         _msg: Option<Box<libc::msghdr>>,
+        zc: Zc,
     },
     Accept {
         tag: u64,
@@ -259,11 +286,16 @@ impl Ring {
 
     /// Gather-send `gather`, skipping its first `skip` bytes (already sent). At most
     /// [`MAX_IOV`] segments go out in one call; the result says how many bytes left.
+    ///
+    /// With `zero_copy`, the kernel sends from the buffers themselves
+    /// (`IORING_OP_SENDMSG_ZC`) and keeps them until a notification; the completion
+    /// comes in two parts (see [`Cqe::zc_more`]).
     pub(crate) fn sendmsg(
         &mut self,
         fd: RawFd,
         mut gather: Gather,
         skip: usize,
+        zero_copy: bool,
         tag: u64,
     ) -> io::Result<()> {
         let mut iov = Vec::with_capacity(gather.segs.len().min(MAX_IOV));
@@ -304,6 +336,7 @@ impl Ring {
         self.room()?;
         if let [one] = iov[..]
             && one.iov_len <= u32::MAX as usize
+            && !zero_copy
         {
             // A single contiguous range: plain send, no msghdr for the kernel to copy.
             let idx = self.alloc(Slot::Send {
@@ -311,6 +344,7 @@ impl Ring {
                 gather,
                 _iov: Box::new([]),
                 _msg: None,
+                zc: Zc::Waiting,
             });
             let e = opcode::Send::new(types::Fd(fd), one.iov_base.cast(), one.iov_len as u32)
                 .flags(libc::MSG_NOSIGNAL)
@@ -330,12 +364,22 @@ impl Ring {
             gather,
             _iov: iov,
             _msg: Some(msg),
+            zc: Zc::Waiting,
         });
-        let e = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(u64::from(idx));
-        self.push(e);
+        let e = if zero_copy {
+            // MSG_WAITALL: io_uring retries short sends itself, so a zero-copy send
+            // completes once, whole (or with an error), and is never resumed by hand
+            // while the kernel still holds the buffers.
+            opcode::SendMsgZc::new(types::Fd(fd), msg_ptr)
+                .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                .ioprio(SEND_ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::SendMsg::new(types::Fd(fd), msg_ptr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        };
+        self.push(e.user_data(u64::from(idx)));
         Ok(())
     }
 
@@ -413,6 +457,41 @@ impl Ring {
             let Some(slot) = self.slots.get_mut(idx) else {
                 continue;
             };
+            let flags = c.flags();
+            let is_notif = io_uring::cqueue::notif(flags);
+            let more = io_uring::cqueue::more(flags) && !is_notif;
+            let mut zc_copied = None;
+            let mut zc_notif = false;
+            if let Slot::Send { tag, zc, .. } = slot {
+                match (*zc, is_notif, more) {
+                    (Zc::Waiting, false, true) => {
+                        // The result, with the notification still to come: report it; the
+                        // buffers stay with the kernel and in the slot.
+                        *zc = Zc::ResultSeen;
+                        out.push(Cqe {
+                            tag: *tag,
+                            res: c.result(),
+                            held: Held::None,
+                            zc_more: true,
+                            zc_notif: false,
+                            zc_copied: None,
+                        });
+                        continue;
+                    }
+                    (Zc::Waiting, true, _) => {
+                        // The notification came first: wait for the result.
+                        *zc = Zc::NotifSeen(c.result() & ZC_COPIED != 0);
+                        continue;
+                    }
+                    (Zc::ResultSeen, true, _) => {
+                        zc_notif = true;
+                        zc_copied = Some(c.result() & ZC_COPIED != 0);
+                    }
+                    (Zc::NotifSeen(copied), false, _) => zc_copied = Some(copied),
+                    _ => {}
+                }
+            }
+            let res = if zc_notif { 0 } else { c.result() };
             let slot = std::mem::replace(slot, Slot::Free);
             let (tag, held) = match slot {
                 Slot::Free => continue,
@@ -425,8 +504,11 @@ impl Ring {
             self.inflight -= 1;
             out.push(Cqe {
                 tag,
-                res: c.result(),
+                res,
                 held,
+                zc_more: false,
+                zc_notif,
+                zc_copied,
             });
         }
     }

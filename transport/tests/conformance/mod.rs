@@ -41,6 +41,8 @@ pub struct Fixture {
     /// Send raw bytes to a listening address (garbage test); returns what came back
     /// before the peer closed, or `None` if the backend has no such notion.
     pub raw_garbage: fn(&pfs_transport::Address, &[u8]) -> Option<Vec<u8>>,
+    /// Extra settings for both sides (e.g. zero-copy sends).
+    pub tweak: fn(EndpointConfig) -> EndpointConfig,
 }
 
 /// A connected pair of endpoints.
@@ -69,19 +71,21 @@ impl Fixture {
             .listen(self.listen)
             .unwrap()
             .op_timeout(Duration::from_secs(20));
-        match self.mode {
+        let c = match self.mode {
             Mode::ThreadBusy => c.wait_mode(WaitMode::BusyPoll),
             _ => c,
-        }
+        };
+        (self.tweak)(c)
     }
 
     pub fn client_config(&self) -> EndpointConfig {
         let c = EndpointConfig::new().op_timeout(Duration::from_secs(20));
-        match self.mode {
+        let c = match self.mode {
             Mode::ThreadBlock => c,
             Mode::CallerBusy => c.progress(Progress::Caller).wait_mode(WaitMode::BusyPoll),
             Mode::ThreadBusy => c.wait_mode(WaitMode::BusyPoll),
-        }
+        };
+        (self.tweak)(c)
     }
 
     pub fn server(&self) -> Endpoint {

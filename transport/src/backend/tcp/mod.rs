@@ -689,6 +689,13 @@ struct Conn {
     txq: VecDeque<Tx>,
     tx_busy: bool,
     tx_sent: usize,
+    /// The batch in flight goes out with zero-copy sends.
+    tx_zc: bool,
+    /// Bytes in the batch in flight.
+    tx_total: usize,
+    /// Result of a zero-copy send that did not send everything; acted on when its
+    /// notification returns the buffers.
+    zc_result: Option<i32>,
     spare: Option<Gather>,
     arena: Vec<u8>,
     in_dirty: bool,
@@ -722,6 +729,9 @@ impl Conn {
             txq: VecDeque::new(),
             tx_busy: false,
             tx_sent: 0,
+            tx_zc: false,
+            tx_total: 0,
+            zc_result: None,
             spare: None,
             arena: Vec::new(),
             in_dirty: false,
@@ -976,7 +986,32 @@ impl State {
             }
             K_SEND => {
                 if let Some(conn) = self.conns.get_mut(&id) {
-                    self.ctx.on_send(conn, c.res, c.held);
+                    if let (Some(copied), Some(s)) = (c.zc_copied, &conn.shared) {
+                        s.count(C::zero_copy_sends, 1);
+                        if copied {
+                            s.count(C::zero_copy_sends_copied, 1);
+                        }
+                    }
+                    if c.zc_more {
+                        self.ctx.on_zc_sent(conn, c.res);
+                    } else if c.zc_notif {
+                        match conn.zc_result.take() {
+                            // Failed or short (with MSG_WAITALL only on error): the
+                            // buffers are back; the connection cannot go on.
+                            Some(res) => self.ctx.on_send(conn, res, c.held),
+                            None => {
+                                if let Held::Gather(mut g) = c.held
+                                    && conn.spare.is_none()
+                                {
+                                    g.bufs.clear();
+                                    g.segs.clear();
+                                    conn.spare = Some(g);
+                                }
+                            }
+                        }
+                    } else {
+                        self.ctx.on_send(conn, c.res, c.held);
+                    }
                 }
             }
             _ => {}
@@ -1305,7 +1340,20 @@ impl Ctx {
             }
             conn.timeouts.pop_front();
             if conn.pending.contains_key(&op_id) {
-                tracing::debug!(conn = conn.id, op_id, "operation timed out");
+                tracing::debug!(
+                    conn = conn.id,
+                    op_id,
+                    pending = conn.pending.len(),
+                    tx_queued = conn.txq.len(),
+                    tx_busy = conn.tx_busy,
+                    tx_sent = conn.tx_sent,
+                    tx_total = conn.tx_total,
+                    zc_result = ?conn.zc_result,
+                    recv_busy = conn.recv_busy,
+                    polling = conn.polling,
+                    stalled = conn.rx_stalled,
+                    "operation timed out"
+                );
                 self.complete(conn, op_id, Err(Error::Timeout { after }));
             }
         }
@@ -1965,8 +2013,10 @@ impl Ctx {
                 });
             }
         }
+        let zc_min = self.core.config.zero_copy_send;
+        let zc = zc_min.is_some_and(|m| g.bufs.iter().skip(1).any(|b| b.len() >= m));
         let mut sent = 0;
-        if self.poll && g.segs.len() == 1 {
+        if self.poll && g.segs.len() == 1 && !zc {
             // Busy-poll mode: one contiguous range goes out with a direct non-blocking
             // send (see `State::poll_sockets` for why); what does not fit the socket
             // buffer continues through the ring.
@@ -1984,9 +2034,27 @@ impl Ctx {
         }
         g.bufs[0] = Buf::Heap(arena);
         conn.tx_sent = sent;
-        match self.ring.sendmsg(conn.fd(), g, sent, tag(conn.id, K_SEND)) {
+        conn.tx_zc = zc;
+        conn.tx_total = g.total();
+        match self
+            .ring
+            .sendmsg(conn.fd(), g, sent, zc, tag(conn.id, K_SEND))
+        {
             Ok(()) => conn.tx_busy = true,
             Err(e) => self.fail_conn(conn, format!("cannot queue sendmsg: {e}"), false),
+        }
+    }
+
+    /// First completion of a zero-copy send. When it sent everything, the next batch
+    /// may go at once (the stream order is kept); the kernel returns this batch's buffers
+    /// with the notification. Otherwise (an error: zero-copy sends use `MSG_WAITALL`,
+    /// so io_uring itself retries short sends) the notification ends the connection.
+    fn on_zc_sent(&mut self, conn: &mut Conn, res: i32) {
+        if res >= 0 && conn.tx_sent + res as usize == conn.tx_total {
+            conn.tx_busy = false;
+            self.after_sent(conn);
+        } else {
+            conn.zc_result = Some(res);
         }
     }
 
@@ -1998,6 +2066,10 @@ impl Ctx {
         }
         g.segs.clear();
         conn.spare = Some(g);
+        self.after_sent(conn);
+    }
+
+    fn after_sent(&mut self, conn: &mut Conn) {
         if let Some(why) = conn.close_after_flush.take() {
             self.fail_conn(conn, why, true);
             return;
@@ -2024,9 +2096,23 @@ impl Ctx {
             return;
         }
         conn.tx_sent += res as usize;
+        if conn.tx_zc && conn.tx_sent < g.total() {
+            // A zero-copy send is never resumed by hand (see `on_zc_sent`).
+            let why = format!(
+                "zero-copy send stopped after {} of {} bytes",
+                conn.tx_sent,
+                g.total()
+            );
+            drop(g);
+            self.fail_conn(conn, why, false);
+            return;
+        }
         if conn.tx_sent < g.total() && conn.closing.is_none() {
             let sent = conn.tx_sent;
-            match self.ring.sendmsg(conn.fd(), g, sent, tag(conn.id, K_SEND)) {
+            match self
+                .ring
+                .sendmsg(conn.fd(), g, sent, conn.tx_zc, tag(conn.id, K_SEND))
+            {
                 Ok(()) => conn.tx_busy = true,
                 Err(e) => self.fail_conn(conn, format!("cannot queue sendmsg: {e}"), false),
             }
@@ -2044,7 +2130,19 @@ impl Ctx {
             return;
         }
         if !logged {
-            tracing::debug!(peer = %conn.peer, conn = conn.id, "connection closed: {reason}");
+            let rx = match &conn.rx {
+                Rx::Header => "header".to_string(),
+                Rx::Payload { len, got, .. } => format!("payload {got}/{len}"),
+            };
+            tracing::debug!(
+                peer = %conn.peer,
+                conn = conn.id,
+                rx,
+                stage = conn.hi - conn.lo,
+                recv_busy = conn.recv_busy,
+                pending = conn.pending.len(),
+                "connection closed: {reason}"
+            );
         }
         conn.closing = Some(reason.clone());
         if let Some(s) = conn.shared.clone() {
