@@ -144,9 +144,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // One line: what was wrong and the valid form; details are in --help.
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see pfs-bench --help)", first.trim_end());
+            eprintln!("{} (see pfs-bench --help)", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -171,6 +169,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A clap error on one line: its message and the valid values, without usage blocks.
+fn one_line(msg: &str) -> String {
+    msg.lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;

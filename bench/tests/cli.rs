@@ -1,0 +1,123 @@
+//! Bad command lines get one line naming the problem and the valid form, exit code 2,
+//! and never a panic.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pfs-bench"))
+        .args(args)
+        .output()
+        .expect("run pfs-bench");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors_with_exit_code_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["client", "tcp://127.0.0.1:1", "--size", "12Q"],
+            "e.g. 64, 4K, 1M",
+        ),
+        (&["client", "nonsense://x"], "tcp://HOST:PORT"),
+        (&["client", "tcp://127.0.0.1"], "missing :PORT"),
+        (
+            &["client", "127.0.0.1:7000", "--test", "bogus"],
+            "possible values",
+        ),
+        (
+            &["run", "--backend", "foo"],
+            "expected one of tcp, udp, xdp, rdma",
+        ),
+        (
+            &["client", "tcp://127.0.0.1:1", "--duration", "0"],
+            "more than 0",
+        ),
+        (&["client", "tcp://127.0.0.1:1", "--depth", "0"], "--depth"),
+        (&["server", "--listen", "tcp://:x"], "invalid address"),
+        (&["bogus"], "bogus"),
+    ];
+    for (args, hint) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: exit code {code}, stderr {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: printed to stdout: {stdout}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {stderr}"
+        );
+        assert!(stderr.contains(hint), "{args:?}: {stderr:?} lacks {hint:?}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn help_and_version_succeed() {
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("compare"));
+    let (code, stdout, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn unreachable_server_is_an_error_not_a_hang() {
+    let (code, _, stderr) = run(&["client", "tcp://127.0.0.1:1", "--duration", "1s"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("connect"), "{stderr}");
+}
+
+#[test]
+fn json_output_follows_the_schema() {
+    let dir = std::env::temp_dir().join(format!("pfs-bench-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.json");
+    let (code, stdout, stderr) = run(&[
+        "run",
+        "--duration",
+        "200ms",
+        "--json",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("Reality check"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["tool"], "pfs-bench");
+    let results = v["results"].as_array().unwrap();
+    assert!(!results.is_empty());
+    for r in results {
+        for field in [
+            "backend",
+            "test",
+            "size",
+            "depth",
+            "seconds",
+            "ops",
+            "gbytes_per_s",
+            "mops_per_s",
+        ] {
+            assert!(!r[field].is_null(), "result lacks {field}: {r}");
+        }
+        assert!(
+            r["ops"].as_u64().unwrap() > 0,
+            "no operations completed: {r}"
+        );
+    }
+    let lat = results
+        .iter()
+        .find(|r| r["test"] == "latency")
+        .expect("a latency result");
+    assert!(
+        lat["latency"]["p999_us"].as_f64().unwrap() >= lat["latency"]["p50_us"].as_f64().unwrap()
+    );
+    assert!(v["memcpy"]["gbytes_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["reality"]["best_over_memcpy"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["reality"]["claim_bytes_per_s"].as_f64().unwrap(), 4e15);
+    let _ = std::fs::remove_dir_all(&dir);
+}
