@@ -169,3 +169,15 @@ pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
         Ok(r as usize)
     }
 }
+
+/// Which of `fds` are ready, without waiting (`poll(2)` with a zero timeout); the
+/// result is in each entry's `revents`.
+pub(crate) fn poll_now(fds: &mut [libc::pollfd]) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd entries.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}

@@ -444,6 +444,49 @@ pub fn concurrent_fetch_add_sums_exactly(f: &Fixture) {
     assert_eq!(olds.len() as u64, per_client * clients);
 }
 
+pub fn many_connections_at_once(f: &Fixture) {
+    // One target, many initiators, each with its own stripe of the region.
+    let server = f.server();
+    let conns = 12usize;
+    let stripe = 64 << 10;
+    let target = server.alloc_region(conns * stripe, Rights::ALL).unwrap();
+    let key = target.key(Rights::READ | Rights::WRITE).unwrap();
+    let threads: Vec<_> = (0..conns)
+        .map(|i| {
+            let key = key.clone();
+            let client = f.client();
+            let (conn, peer) = f.connect(&server, &client);
+            std::thread::spawn(move || {
+                let local = client.alloc_region(stripe, Rights::ALL).unwrap();
+                let back = client.alloc_region(stripe, Rights::ALL).unwrap();
+                let off = (i * stripe) as u64;
+                for round in 0..20u64 {
+                    let data = pattern(round * 100 + i as u64, stripe);
+                    local.write_at(0, &data).unwrap();
+                    conn.write(&local, 0, &key, off, stripe as u64)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    conn.read(&back, 0, &key, off, stripe as u64)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    assert_eq!(
+                        back.to_vec(0, stripe).unwrap(),
+                        data,
+                        "conn {i} round {round}"
+                    );
+                }
+                drop(peer);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(server.stats().connections_opened >= conns as u64);
+}
+
 pub fn cas_lock_excludes(f: &Fixture) {
     let server = f.server();
     let target = server.alloc_region(4096, Rights::ALL).unwrap();
@@ -960,6 +1003,10 @@ macro_rules! conformance_suite {
             #[test]
             fn concurrent_fetch_add_sums_exactly() {
                 c::concurrent_fetch_add_sums_exactly(&fx())
+            }
+            #[test]
+            fn many_connections_at_once() {
+                c::many_connections_at_once(&fx())
             }
             #[test]
             fn cas_lock_excludes() {

@@ -45,6 +45,9 @@ use crate::wire::{
 const STAGE_LEN: usize = 32 << 10;
 /// Payload remainders at least this large are received straight into their destination.
 const DIRECT_MIN: usize = 4 << 10;
+/// Busy-poll mode: with more idle connections than this, one poll(2) finds the ready
+/// ones before any recv.
+const POLL_BATCH_MIN: usize = 4;
 /// Payloads up to this size are copied into the send arena next to their header.
 const INLINE_MAX: usize = 512;
 /// Messages packed into one sendmsg (two iovecs each at most).
@@ -194,6 +197,8 @@ impl TcpEngine {
                 poll: self.core.config.wait == crate::config::WaitMode::BusyPoll,
                 to_arm: Vec::new(),
                 pollers: Vec::new(),
+                pollfds: Vec::new(),
+                ready: Vec::new(),
                 passes: 0,
             },
             conns: IdMap::default(),
@@ -770,6 +775,9 @@ struct Ctx {
     to_arm: Vec<u64>,
     /// Busy-poll mode: connections waiting for bytes into their staging buffer.
     pollers: Vec<u64>,
+    /// Scratch for `poll_sockets`: poll(2) entries and their readiness.
+    pollfds: Vec<libc::pollfd>,
+    ready: Vec<bool>,
 }
 
 struct State {
@@ -898,13 +906,39 @@ impl State {
         }
         let mut work = 0;
         let mut ids = std::mem::take(&mut self.ctx.pollers);
+        // Many idle connections: one poll(2) (lockless on TCP sockets) says which have
+        // bytes, instead of one recv per connection per pass.
+        let mut ready = std::mem::take(&mut self.ctx.ready);
+        ready.clear();
+        if ids.len() > POLL_BATCH_MIN {
+            let mut fds = std::mem::take(&mut self.ctx.pollfds);
+            fds.clear();
+            for id in &ids {
+                let fd = self.conns.get(id).map_or(-1, |c| c.sock.as_raw_fd());
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            if sys::poll_now(&mut fds).is_ok() {
+                ready.extend(fds.iter().map(|p| p.revents != 0));
+            }
+            self.ctx.pollfds = fds;
+        }
+        let mut i = 0;
         ids.retain(|id| {
+            let idx = i;
+            i += 1;
             let Some(conn) = self.conns.get_mut(id) else {
                 return false;
             };
             if !conn.polling || conn.closing.is_some() {
                 conn.polling = false;
                 return false;
+            }
+            if ready.get(idx) == Some(&false) {
+                return true;
             }
             let Some(stage) = conn.stage.as_mut() else {
                 return true;
@@ -935,6 +969,7 @@ impl State {
         // Connections that started polling during this pass were added meanwhile.
         ids.append(&mut self.ctx.pollers);
         self.ctx.pollers = ids;
+        self.ctx.ready = ready;
         work
     }
 
