@@ -626,16 +626,7 @@ impl Connection {
         remote_offset: u64,
         len: u64,
     ) -> Result<Op<()>> {
-        let target = self.remote(key, remote_offset, len, Rights::WRITE)?;
-        let local = self.local(local, local_offset, len)?;
-        self.submit(
-            OpKind::Write {
-                local,
-                target,
-                notify: None,
-            },
-            key.len,
-        )
+        self.write_op(local, local_offset, key, remote_offset, len, None)
     }
 
     /// Like [`write`](Connection::write), and the target receives a [`Notification`]
@@ -649,13 +640,25 @@ impl Connection {
         len: u64,
         imm: u32,
     ) -> Result<Op<()>> {
+        self.write_op(local, local_offset, key, remote_offset, len, Some(imm))
+    }
+
+    fn write_op(
+        &self,
+        local: &Region,
+        local_offset: u64,
+        key: &RegionKey,
+        remote_offset: u64,
+        len: u64,
+        notify: Option<u32>,
+    ) -> Result<Op<()>> {
         let target = self.remote(key, remote_offset, len, Rights::WRITE)?;
         let local = self.local(local, local_offset, len)?;
         self.submit(
             OpKind::Write {
                 local,
                 target,
-                notify: Some(imm),
+                notify,
             },
             key.len,
         )

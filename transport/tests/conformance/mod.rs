@@ -728,38 +728,24 @@ pub fn large_transfer_byte_exact(f: &Fixture) {
     fill_pattern(&src, 77);
     let want = checksum(&src);
     let key = dst.key(Rights::READ | Rights::WRITE).unwrap();
-    let chunk = (8 << 20).min(total);
-    let mut ops = Vec::new();
-    let mut off = 0;
-    while off < total {
-        let n = chunk.min(total - off);
-        ops.push(
-            p.conn
-                .write(&src, off as u64, &key, off as u64, n as u64)
-                .unwrap(),
-        );
-        if ops.len() >= 16 {
-            pfs_transport::wait_all(ops.drain(..)).unwrap();
+    // 8 MiB operations, up to 16 in flight, over the whole region.
+    let chunked = |op: &dyn Fn(u64, u64) -> pfs_transport::Result<pfs_transport::Op<()>>| {
+        let chunk = (8 << 20).min(total);
+        let mut ops = Vec::new();
+        let mut off = 0;
+        while off < total {
+            let n = chunk.min(total - off);
+            ops.push(op(off as u64, n as u64).unwrap());
+            if ops.len() >= 16 {
+                pfs_transport::wait_all(ops.drain(..)).unwrap();
+            }
+            off += n;
         }
-        off += n;
-    }
-    pfs_transport::wait_all(ops.drain(..)).unwrap();
+        pfs_transport::wait_all(ops).unwrap();
+    };
+    chunked(&|off, n| p.conn.write(&src, off, &key, off, n));
     assert_eq!(checksum(&dst), want, "written bytes differ");
-    // And back with reads.
-    let mut off = 0;
-    while off < total {
-        let n = chunk.min(total - off);
-        ops.push(
-            p.conn
-                .read(&back, off as u64, &key, off as u64, n as u64)
-                .unwrap(),
-        );
-        if ops.len() >= 16 {
-            pfs_transport::wait_all(ops.drain(..)).unwrap();
-        }
-        off += n;
-    }
-    pfs_transport::wait_all(ops).unwrap();
+    chunked(&|off, n| p.conn.read(&back, off, &key, off, n));
     assert_eq!(checksum(&back), want, "read bytes differ");
 }
 
