@@ -65,9 +65,18 @@ fn cargo() -> String {
 
 /// Run a command in the repository root, echoing it; fail with its name on error.
 fn run(cmd: &str, args: &[&str]) -> R {
+    run_with(cmd, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_with(cmd: &str, args: &[&str], envs: &[(&str, &str)]) -> R {
+    for (k, v) in envs {
+        print!("{k}={v} ");
+    }
     println!("$ {cmd} {}", args.join(" "));
     let status = Command::new(cmd)
         .args(args)
+        .envs(envs.iter().copied())
         .current_dir(root())
         .status()
         .map_err(|e| format!("cannot run {cmd}: {e}"))?;
@@ -262,9 +271,11 @@ fn test() -> R {
             )
         })?;
         p.run("docs", || {
-            run(
+            // Broken intra-doc links and other rustdoc warnings fail the build.
+            run_with(
                 &cargo(),
                 &["doc", "--workspace", "--no-deps", "--all-features"],
+                &[("RUSTDOCFLAGS", "-D warnings")],
             )
         })?;
         p.run("main job (quick)", || bench(true))?;
