@@ -301,6 +301,11 @@ fn default_run(a: &RunArgs) -> AnyResult {
                 .wait_mode(WaitMode::BusyPoll),
         )?;
         let conn = client.connect_addr(&server.local_addrs()[0])?;
+        for (side, ep) in [("server", &server), ("client", &client)] {
+            for d in ep.describe() {
+                println!("  {side} engine: {d}");
+            }
+        }
         let key = request_region(&conn, 256 << 20)?;
         let c = Client {
             ep: &client,

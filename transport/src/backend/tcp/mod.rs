@@ -165,12 +165,18 @@ impl TcpEngine {
             }
         })?;
         *self.setup.lock().expect("setup lock") = format!(
-            "tcp: io_uring ({}), {}",
+            "tcp: io_uring ({}), {}, {}",
             ring.features,
             if dedicated {
                 "progress thread"
             } else {
                 "caller-driven progress"
+            },
+            match self.core.config.wait {
+                crate::config::WaitMode::BusyPoll => {
+                    "busy-poll (idle sockets polled with non-blocking recv)"
+                }
+                crate::config::WaitMode::Block => "blocking waits in io_uring_enter",
             }
         );
         let listeners = std::mem::take(&mut *self.listeners.lock().expect("listener lock"));
