@@ -767,6 +767,11 @@ impl Connection {
     }
 
     /// Wait for the next message.
+    ///
+    /// Received messages wait in a bounded queue (`EndpointConfig::max_incoming`); when
+    /// it is full the connection stops reading from the network, which slows the
+    /// sender down — and also holds back the answers to this side's own operations on
+    /// the same connection. Drain messages (and notifications) as they come.
     pub fn recv(&self) -> Result<Vec<u8>> {
         loop {
             if let Some(m) = self.wait_on(&self.shared.inbox, Some(Duration::from_secs(3600)))? {

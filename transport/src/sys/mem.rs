@@ -136,9 +136,9 @@ impl Mem {
     /// Copy `dst.len()` bytes starting at `off` out of the memory.
     pub(crate) fn copy_out(&self, off: usize, dst: &mut [u8]) -> Result<()> {
         self.check(off, dst.len())?;
-        // SAFETY: the range was checked to lie inside the allocation; `dst` is a distinct
-        // Rust buffer, so the two cannot overlap.
-        unsafe { atomic_copy(self.ptr_at(off), dst.as_mut_ptr(), dst.len()) };
+        // SAFETY: the range was checked to lie inside the allocation, which lives as long
+        // as `&self`; every thread access to region memory is atomic (module docs).
+        unsafe { copy_from_shared(self.ptr_at(off), dst) };
         Ok(())
     }
 
@@ -146,7 +146,7 @@ impl Mem {
     pub(crate) fn copy_in(&self, off: usize, src: &[u8]) -> Result<()> {
         self.check(off, src.len())?;
         // SAFETY: as in `copy_out`, with the roles swapped.
-        unsafe { atomic_copy(src.as_ptr(), self.ptr_at(off), src.len()) };
+        unsafe { copy_to_shared(src, self.ptr_at(off)) };
         Ok(())
     }
 
@@ -231,46 +231,62 @@ fn mmap_anon(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
     }
 }
 
-/// Copy `n` bytes with atomic (`Relaxed`) loads and stores: word-sized in the middle
-/// when source and destination share their alignment, byte-sized otherwise.
+/// Copy `dst.len()` bytes out of shared memory at `src`: atomic (`Relaxed`) loads on the
+/// shared side, word-sized where aligned; plain stores into the caller's buffer.
 ///
 /// # Safety
-/// `src..src+n` must be valid for reads and `dst..dst+n` valid for writes, and the two
-/// ranges must not overlap. Any concurrent thread access to them must be atomic.
-pub(crate) unsafe fn atomic_copy(src: *const u8, dst: *mut u8, n: usize) {
+/// `src..src+dst.len()` must be valid for reads for the duration of the call, and any
+/// concurrent thread access to it must be atomic.
+unsafe fn copy_from_shared(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
     let mut i = 0;
-    if (src as usize) % 8 == (dst as usize) % 8 {
-        let head = (8 - (src as usize) % 8) % 8;
-        while i < head.min(n) {
-            // SAFETY: `i < n`; caller guarantees validity; alignment 1.
-            unsafe { copy_byte(src, dst, i) };
-            i += 1;
-        }
-        while i + 8 <= n {
-            // SAFETY: `src+i` and `dst+i` are 8-byte aligned (same residue, head skipped)
-            // and `i+8 <= n` keeps both inside their ranges.
-            unsafe {
-                let v = AtomicU64::from_ptr(src.add(i).cast_mut().cast::<u64>())
-                    .load(Ordering::Relaxed);
-                AtomicU64::from_ptr(dst.add(i).cast::<u64>()).store(v, Ordering::Relaxed);
-            }
-            i += 8;
-        }
+    let head = ((8 - (src as usize) % 8) % 8).min(n);
+    while i < head {
+        // SAFETY: `i < n`; the caller guarantees `src..src+n` is readable; alignment 1.
+        dst[i] = unsafe { AtomicU8::from_ptr(src.add(i).cast_mut()) }.load(Ordering::Relaxed);
+        i += 1;
+    }
+    while i + 8 <= n {
+        // SAFETY: `src+i` is 8-byte aligned (the head was skipped) and `i+8 <= n`.
+        let v = unsafe { AtomicU64::from_ptr(src.add(i).cast_mut().cast::<u64>()) }
+            .load(Ordering::Relaxed);
+        dst[i..i + 8].copy_from_slice(&v.to_ne_bytes());
+        i += 8;
     }
     while i < n {
-        // SAFETY: `i < n`; caller guarantees validity; alignment 1.
-        unsafe { copy_byte(src, dst, i) };
+        // SAFETY: as for the head.
+        dst[i] = unsafe { AtomicU8::from_ptr(src.add(i).cast_mut()) }.load(Ordering::Relaxed);
         i += 1;
     }
 }
 
+/// Copy `src` into shared memory at `dst`: plain loads from the caller's buffer, atomic
+/// (`Relaxed`) stores on the shared side, word-sized where aligned.
+///
 /// # Safety
-/// `src+i` readable, `dst+i` writable.
-unsafe fn copy_byte(src: *const u8, dst: *mut u8, i: usize) {
-    // SAFETY: per the function contract.
-    unsafe {
-        let b = AtomicU8::from_ptr(src.add(i).cast_mut()).load(Ordering::Relaxed);
-        AtomicU8::from_ptr(dst.add(i)).store(b, Ordering::Relaxed);
+/// `dst..dst+src.len()` must be valid for writes for the duration of the call, and any
+/// concurrent thread access to it must be atomic.
+unsafe fn copy_to_shared(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let mut i = 0;
+    let head = ((8 - (dst as usize) % 8) % 8).min(n);
+    while i < head {
+        // SAFETY: `i < n`; the caller guarantees `dst..dst+n` is writable; alignment 1.
+        unsafe { AtomicU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
+        i += 1;
+    }
+    while i + 8 <= n {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&src[i..i + 8]);
+        // SAFETY: `dst+i` is 8-byte aligned (the head was skipped) and `i+8 <= n`.
+        unsafe { AtomicU64::from_ptr(dst.add(i).cast::<u64>()) }
+            .store(u64::from_ne_bytes(w), Ordering::Relaxed);
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: as for the head.
+        unsafe { AtomicU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
+        i += 1;
     }
 }
 

@@ -90,7 +90,7 @@ pub(crate) struct Cqe {
     /// back with a later completion whose `zc_notif` is set.
     pub(crate) zc_more: bool,
     /// The notification of a zero-copy send whose result came earlier (`zc_more`): the
-    /// buffers are back; `res` is meaningless.
+    /// buffers are back, and `res` repeats that send's result.
     pub(crate) zc_notif: bool,
     /// For a completion that includes a zero-copy notification (`zc_notif`, or a plain
     /// completion whose notification came first): whether the kernel copied the data.
@@ -108,7 +108,7 @@ enum Zc {
     /// Not a zero-copy send, or nothing arrived yet.
     Waiting,
     /// The result arrived (and was reported); the notification has not.
-    ResultSeen,
+    ResultSeen(i32),
     /// The notification arrived first (with this copied flag); the result has not.
     NotifSeen(bool),
 }
@@ -462,12 +462,13 @@ impl Ring {
             let more = io_uring::cqueue::more(flags) && !is_notif;
             let mut zc_copied = None;
             let mut zc_notif = false;
+            let mut saved = 0;
             if let Slot::Send { tag, zc, .. } = slot {
                 match (*zc, is_notif, more) {
                     (Zc::Waiting, false, true) => {
                         // The result, with the notification still to come: report it; the
                         // buffers stay with the kernel and in the slot.
-                        *zc = Zc::ResultSeen;
+                        *zc = Zc::ResultSeen(c.result());
                         out.push(Cqe {
                             tag: *tag,
                             res: c.result(),
@@ -483,15 +484,16 @@ impl Ring {
                         *zc = Zc::NotifSeen(c.result() & ZC_COPIED != 0);
                         continue;
                     }
-                    (Zc::ResultSeen, true, _) => {
+                    (Zc::ResultSeen(res), true, _) => {
                         zc_notif = true;
                         zc_copied = Some(c.result() & ZC_COPIED != 0);
+                        saved = res;
                     }
                     (Zc::NotifSeen(copied), false, _) => zc_copied = Some(copied),
                     _ => {}
                 }
             }
-            let res = if zc_notif { 0 } else { c.result() };
+            let res = if zc_notif { saved } else { c.result() };
             let slot = std::mem::replace(slot, Slot::Free);
             let (tag, held) = match slot {
                 Slot::Free => continue,

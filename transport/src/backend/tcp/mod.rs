@@ -45,6 +45,10 @@ use crate::wire::{
 const STAGE_LEN: usize = 32 << 10;
 /// Payload remainders at least this large are received straight into their destination.
 const DIRECT_MIN: usize = 4 << 10;
+/// Messages queued for one peer before its input is no longer decoded (a peer that
+/// sends requests but does not read the answers is slowed down by TCP, not buffered
+/// without bound).
+const TXQ_MAX: usize = 4096;
 /// Busy-poll mode: with more idle connections than this, one poll(2) finds the ready
 /// ones before any recv.
 const POLL_BATCH_MIN: usize = 4;
@@ -191,7 +195,6 @@ impl TcpEngine {
                 limits,
                 next_op: 1,
                 dirty: Vec::new(),
-                stalled: Vec::new(),
                 closing: Vec::new(),
                 listeners: listeners
                     .into_iter()
@@ -200,6 +203,8 @@ impl TcpEngine {
                 wake_armed: false,
                 last_tick: Instant::now(),
                 rearm_accept: true,
+                accept_retry_at: None,
+                accept_warned: None,
                 poll: self.core.config.wait == crate::config::WaitMode::BusyPoll,
                 to_arm: Vec::new(),
                 pollers: Vec::new(),
@@ -462,6 +467,9 @@ impl Engine for TcpEngine {
                 st.cqes.clear();
                 st.ctx.ring.reap(&mut st.cqes);
             }
+            for conn in st.conns.values_mut() {
+                conn.finish_dying();
+            }
         }
         if !self.is_dead.load(Ordering::SeqCst) {
             *self.dead.lock().expect("dead lock") = Some("endpoint closed".into());
@@ -543,7 +551,11 @@ fn handshake(s: &mut TcpStream, core: &Core, deadline: Instant) -> Result<Handsh
     s.write_all(&out).map_err(|e| Error::io("send", e))?;
     let mut buf = vec![0u8; wire::PREFIX_LEN];
     read_exact_by(s, &mut buf, deadline)?;
-    let limits = Limits::default();
+    // Only HELLO_ACK (≤ 1 KiB of payload) or ERROR (≤ 512) may come back: refuse any
+    // longer payload before allocating for it.
+    let limits = Limits {
+        max_payload: MAX_HELLO_PAYLOAD,
+    };
     let h = loop {
         match Header::decode(&buf, &limits) {
             Ok((h, _)) => break h,
@@ -696,7 +708,14 @@ struct Conn {
     recv_req: Option<RecvReq>,
     /// Busy-poll mode: waiting for bytes, polled every pass (see `State::poll_sockets`).
     polling: bool,
+    /// Waiting for room in the application's receive queues (resumed when it drains).
     rx_stalled: bool,
+    /// Too much output queued for a peer that does not read: stop decoding its input
+    /// until the backlog halves (TCP flow control then slows the peer down).
+    rx_tx_blocked: bool,
+    /// No more input will be decoded (protocol error or refused handshake); the
+    /// connection closes once its last message is out.
+    rx_closed: bool,
     txq: VecDeque<Tx>,
     tx_busy: bool,
     tx_sent: usize,
@@ -704,9 +723,6 @@ struct Conn {
     tx_zc: bool,
     /// Bytes in the batch in flight.
     tx_total: usize,
-    /// Result of a zero-copy send that did not send everything; acted on when its
-    /// notification returns the buffers.
-    zc_result: Option<i32>,
     spare: Option<Gather>,
     arena: Vec<u8>,
     in_dirty: bool,
@@ -715,11 +731,24 @@ struct Conn {
     fence: Option<OpReq>,
     held: VecDeque<OpReq>,
     closing: Option<String>,
+    /// Operations of a closing connection, failed once nothing is in flight on it.
+    dying: Vec<(Arc<Completion>, Error)>,
     /// Close once the queued output (an error for the peer) has been sent.
     close_after_flush: Option<String>,
+    /// ... or at this time, whichever comes first.
+    close_by: Option<Instant>,
 }
 
 impl Conn {
+    /// Report the failures of a closed connection's operations.
+    fn finish_dying(&mut self) {
+        if let Some(s) = &self.shared {
+            for (done, e) in self.dying.drain(..) {
+                s.finish(&done, Err(e));
+            }
+        }
+    }
+
     fn new(id: u64, sock: TcpStream, shared: Option<Arc<ConnShared>>, peer: SocketAddr) -> Conn {
         Conn {
             id,
@@ -737,12 +766,13 @@ impl Conn {
             recv_req: None,
             polling: false,
             rx_stalled: false,
+            rx_tx_blocked: false,
+            rx_closed: false,
             txq: VecDeque::new(),
             tx_busy: false,
             tx_sent: 0,
             tx_zc: false,
             tx_total: 0,
-            zc_result: None,
             spare: None,
             arena: Vec::new(),
             in_dirty: false,
@@ -751,7 +781,9 @@ impl Conn {
             fence: None,
             held: VecDeque::new(),
             closing: None,
+            dying: Vec::new(),
             close_after_flush: None,
+            close_by: None,
         }
     }
 
@@ -767,12 +799,15 @@ struct Ctx {
     limits: Limits,
     next_op: u64,
     dirty: Vec<u64>,
-    stalled: Vec<u64>,
     closing: Vec<u64>,
     listeners: Vec<Listener>,
     wake_armed: bool,
     last_tick: Instant,
     rearm_accept: bool,
+    /// After an accept error: not before this time.
+    accept_retry_at: Option<Instant>,
+    /// When the last accept error was logged.
+    accept_warned: Option<Instant>,
     /// Busy-poll mode: see [`State::poll_sockets`].
     poll: bool,
     /// Passes since start (busy-poll mode), to space out clock reads.
@@ -1036,20 +1071,7 @@ impl State {
                     if c.zc_more {
                         self.ctx.on_zc_sent(conn, c.res);
                     } else if c.zc_notif {
-                        match conn.zc_result.take() {
-                            // Failed or short (with MSG_WAITALL only on error): the
-                            // buffers are back; the connection cannot go on.
-                            Some(res) => self.ctx.on_send(conn, res, c.held),
-                            None => {
-                                if let Held::Gather(mut g) = c.held
-                                    && conn.spare.is_none()
-                                {
-                                    g.bufs.clear();
-                                    g.segs.clear();
-                                    conn.spare = Some(g);
-                                }
-                            }
-                        }
+                        self.ctx.on_zc_notif(conn, c.res, c.held);
                     } else {
                         self.ctx.on_send(conn, c.res, c.held);
                     }
@@ -1066,7 +1088,17 @@ impl State {
         let Some(fd) = sys::adopt_accepted(res) else {
             let err = std::io::Error::from_raw_os_error(-res);
             if res != -libc::EINVAL && res != -libc::ECANCELED {
-                tracing::warn!("accept failed: {err}; retrying");
+                // Out of descriptors or memory: back off, and say so at most every 5 s.
+                let now = Instant::now();
+                if self
+                    .ctx
+                    .accept_warned
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+                {
+                    tracing::warn!("accept failed: {err}; retrying every 100 ms");
+                    self.ctx.accept_warned = Some(now);
+                }
+                self.ctx.accept_retry_at = Some(now + Duration::from_millis(100));
                 self.ctx.rearm_accept = true;
             }
             return;
@@ -1103,9 +1135,10 @@ impl State {
             return;
         }
         let conns = &mut self.conns;
-        self.ctx.closing.retain(|id| match conns.get(id) {
+        self.ctx.closing.retain(|id| match conns.get_mut(id) {
             Some(c) if c.recv_busy || c.tx_busy => true,
-            Some(_) => {
+            Some(c) => {
+                c.finish_dying();
                 conns.remove(id);
                 false
             }
@@ -1127,8 +1160,9 @@ impl State {
             return;
         }
         self.ctx.last_tick = now;
-        if self.ctx.rearm_accept {
+        if self.ctx.rearm_accept && self.ctx.accept_retry_at.is_none_or(|t| now >= t) {
             self.ctx.rearm_accept = false;
+            self.ctx.accept_retry_at = None;
             self.arm_listeners();
         }
         let ctx = &mut self.ctx;
@@ -1139,8 +1173,15 @@ impl State {
             if let Some(d) = conn.hs_deadline
                 && conn.shared.is_none()
                 && now >= d
+                && conn.close_after_flush.is_none()
             {
                 ctx.fail_conn(conn, "handshake timed out".into(), true);
+                continue;
+            }
+            if conn.close_by.is_some_and(|d| now >= d)
+                && let Some(why) = conn.close_after_flush.take()
+            {
+                ctx.fail_conn(conn, why, true);
                 continue;
             }
             ctx.expire(conn, now);
@@ -1380,22 +1421,27 @@ impl Ctx {
                 break;
             }
             conn.timeouts.pop_front();
-            if conn.pending.contains_key(&op_id) {
+            if let Some(p) = conn.pending.remove(&op_id) {
                 tracing::debug!(
                     conn = conn.id,
                     op_id,
                     pending = conn.pending.len(),
                     tx_queued = conn.txq.len(),
                     tx_busy = conn.tx_busy,
-                    tx_sent = conn.tx_sent,
-                    tx_total = conn.tx_total,
-                    zc_result = ?conn.zc_result,
                     recv_busy = conn.recv_busy,
-                    polling = conn.polling,
-                    stalled = conn.rx_stalled,
                     "operation timed out"
                 );
-                self.complete(conn, op_id, Err(Error::Timeout { after }));
+                // The operation may still be in flight (its payload queued, or its answer
+                // half received into the caller's region): like an RDMA queue pair going
+                // to the error state, the connection closes, and the timeout is reported
+                // only once nothing can touch the operation's memory any more.
+                conn.dying.push((p.done, Error::Timeout { after }));
+                let why = format!(
+                    "an operation timed out after {after:?}; the connection was closed so \
+                     that nothing still in flight touches memory after its deadline"
+                );
+                self.fail_conn(conn, why, false);
+                return;
             }
         }
         // Deadlines grow with submission order, so ops held behind a fence (and the
@@ -1505,11 +1551,21 @@ impl Ctx {
     /// Decode and execute everything the staging buffer holds, then arm the next recv.
     fn pump_rx(&mut self, conn: &mut Conn) {
         loop {
-            if conn.closing.is_some() || conn.recv_busy || conn.rx_stalled || conn.polling {
+            if conn.closing.is_some()
+                || conn.recv_busy
+                || conn.rx_stalled
+                || conn.rx_tx_blocked
+                || conn.rx_closed
+                || conn.polling
+            {
                 return;
             }
             match &mut conn.rx {
                 Rx::Header => {
+                    if conn.txq.len() >= TXQ_MAX {
+                        conn.rx_tx_blocked = true;
+                        return;
+                    }
                     let Some(stage) = conn.stage.as_ref() else {
                         return;
                     };
@@ -1518,7 +1574,6 @@ impl Ctx {
                         Ok((h, n)) => {
                             if self.needs_room(&h) && !self.has_room(conn) {
                                 conn.rx_stalled = true;
-                                self.stalled.push(conn.id);
                                 return;
                             }
                             conn.lo += n;
@@ -1612,6 +1667,14 @@ impl Ctx {
         };
     }
 
+    /// Stop reading `conn`, send what is queued (an error for the peer), then close —
+    /// at the latest after a second, even if the peer does not read.
+    fn close_soon(&mut self, conn: &mut Conn, why: String) {
+        conn.rx_closed = true;
+        conn.close_after_flush = Some(why);
+        conn.close_by = Some(Instant::now() + Duration::from_secs(1));
+    }
+
     fn protocol_error(&mut self, conn: &mut Conn, why: String) {
         tracing::warn!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
         if let Some(s) = &conn.shared {
@@ -1622,13 +1685,10 @@ impl Ctx {
             self.core.counters.add(C::errors, 1);
         }
         self.queue_error(conn, 0, ErrorCode::Protocol, &why);
-        conn.close_after_flush = Some(why.clone());
+        self.close_soon(conn, why.clone());
         self.flush_tx(conn);
-        if !conn.tx_busy {
+        if !conn.tx_busy && conn.txq.is_empty() {
             self.fail_conn(conn, why, true);
-        } else {
-            // Stop reading; the connection closes when the error has gone out.
-            conn.rx_stalled = true;
         }
     }
 
@@ -1875,7 +1935,7 @@ impl Ctx {
             );
             tracing::warn!(peer = %conn.peer, "{why}");
             self.queue_error(conn, 0, ErrorCode::UnsupportedVersion, &why);
-            conn.close_after_flush = Some(why);
+            self.close_soon(conn, why);
             return;
         }
         // Peer authentication hook: the HELLO payload (up to MAX_HELLO_PAYLOAD bytes) is
@@ -1919,7 +1979,7 @@ impl Ctx {
             shared.mark_closed(&why);
             tracing::warn!(peer = %conn.peer, "refusing connection: {why}");
             self.queue_error(conn, 0, ErrorCode::Busy, &why);
-            conn.close_after_flush = Some(why);
+            self.close_soon(conn, why);
             return;
         }
         self.queue(conn, ack, None);
@@ -2091,11 +2151,36 @@ impl Ctx {
     /// with the notification. Otherwise (an error: zero-copy sends use `MSG_WAITALL`,
     /// so io_uring itself retries short sends) the notification ends the connection.
     fn on_zc_sent(&mut self, conn: &mut Conn, res: i32) {
-        if res >= 0 && conn.tx_sent + res as usize == conn.tx_total {
+        if res >= 0 && res as usize == conn.tx_total {
             conn.tx_busy = false;
             self.after_sent(conn);
-        } else {
-            conn.zc_result = Some(res);
+        }
+    }
+
+    /// Notification of a zero-copy send whose result came first: its buffers are back.
+    /// Zero-copy sends always start at the batch's first byte and are never resumed, so
+    /// the send was whole exactly when `res` equals the batch's length.
+    fn on_zc_notif(&mut self, conn: &mut Conn, res: i32, held: Held) {
+        let Held::Gather(mut g) = held else {
+            return;
+        };
+        if res < 0 || res as usize != g.total() {
+            conn.tx_busy = false;
+            if conn.closing.is_none() {
+                let why = if res < 0 {
+                    format!("send failed: {}", std::io::Error::from_raw_os_error(-res))
+                } else {
+                    format!("zero-copy send stopped after {res} of {} bytes", g.total())
+                };
+                drop(g);
+                self.fail_conn(conn, why, false);
+            }
+            return;
+        }
+        if conn.spare.is_none() {
+            g.bufs.clear();
+            g.segs.clear();
+            conn.spare = Some(g);
         }
     }
 
@@ -2117,6 +2202,10 @@ impl Ctx {
         }
         if !conn.txq.is_empty() {
             self.mark_dirty(conn);
+        }
+        if conn.rx_tx_blocked && conn.txq.len() < TXQ_MAX / 2 {
+            conn.rx_tx_blocked = false;
+            self.pump_rx(conn);
         }
     }
 
@@ -2188,15 +2277,17 @@ impl Ctx {
         conn.closing = Some(reason.clone());
         if let Some(s) = conn.shared.clone() {
             s.mark_closed(&reason);
+            // Pending operations fail once the receive and send in flight have ended (see
+            // `State::remove_closed`): a read's region may be the target of a recv.
             let err = || Error::lost(reason.clone());
             for (_, p) in conn.pending.drain() {
-                s.finish(&p.done, Err(err()));
+                conn.dying.push((p.done, err()));
             }
             if let Some(f) = conn.fence.take() {
-                s.finish(&f.done, Err(err()));
+                conn.dying.push((f.done, err()));
             }
             for r in conn.held.drain(..) {
-                s.finish(&r.done, Err(err()));
+                conn.dying.push((r.done, err()));
             }
         }
         conn.timeouts.clear();
