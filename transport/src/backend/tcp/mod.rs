@@ -239,6 +239,37 @@ impl TcpEngine {
         self.wake();
     }
 
+    /// Issue queued operations and send them, without polling or reaping (the fast path
+    /// of a submission on a caller-driven, busy-polling endpoint).
+    fn issue_now(&self) {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return;
+        };
+        let Some(st) = guard.as_mut() else {
+            return;
+        };
+        self.drain_ctl(st);
+        let mut n = 0;
+        while n < CMD_BUDGET {
+            let Some((shared, req)) = self.ops.pop() else {
+                break;
+            };
+            n += 1;
+            if !st.conns.contains_key(&shared.id) {
+                self.drain_ctl(st);
+            }
+            st.admit(&shared, req);
+        }
+        if n > 0 {
+            st.flush_dirty();
+            st.arm_pending();
+            if let Err(e) = st.ctx.ring.submit() {
+                self.die(format!("io_uring_enter failed: {e}"));
+                st.fail_all("the tcp engine stopped");
+            }
+        }
+    }
+
     fn drain_ctl(&self, st: &mut State) -> usize {
         if !self.ctl_pending.swap(false, Ordering::AcqRel) {
             return 0;
@@ -276,7 +307,18 @@ impl Engine for TcpEngine {
 
     fn submit(&self, conn: &Arc<ConnShared>, req: OpReq) -> std::result::Result<(), OpReq> {
         self.ops.push((conn.clone(), req)).map_err(|(_, r)| r)?;
-        self.wake();
+        if self.owner.get().is_none()
+            && self.core.config.wait == crate::config::WaitMode::BusyPoll
+            && conn.inflight.load(Ordering::Relaxed) <= 1
+        {
+            // Caller-driven busy-poll, and this is the connection's only operation: the
+            // submitting thread is the engine, so the request leaves now rather than on
+            // the next pass of a wait. (With more in flight, requests wait for the next
+            // pass and leave together, in one system call.)
+            self.issue_now();
+        } else {
+            self.wake();
+        }
         Ok(())
     }
 
