@@ -92,9 +92,11 @@ mod backend;
 mod config;
 mod endpoint;
 mod error;
+mod frames;
 mod idmap;
 mod key;
 mod op;
+mod proto;
 mod region;
 mod stats;
 #[allow(unsafe_code)]

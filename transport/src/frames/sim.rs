@@ -1,0 +1,365 @@
+//! An in-memory link with seeded loss, duplication, reordering, delay, a bandwidth cap
+//! and an MTU, in virtual time. The same seed and the same sends give the same trace.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// A small, fast, seedable generator (SplitMix64): reproducible across platforms.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `p`.
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// Uniform in `0..=max`.
+    pub(crate) fn upto(&mut self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next_u64() % (max.as_nanos() as u64 + 1))
+    }
+}
+
+/// How the simulated link misbehaves.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkConfig {
+    pub(crate) seed: u64,
+    /// Probability that a datagram is dropped.
+    pub(crate) loss: f64,
+    /// Probability that a datagram is delivered twice.
+    pub(crate) duplicate: f64,
+    /// Probability that a datagram is held back by up to `reorder_by` (overtaken by
+    /// later ones).
+    pub(crate) reorder: f64,
+    pub(crate) reorder_by: Duration,
+    /// One-way propagation delay.
+    pub(crate) delay: Duration,
+    /// Extra random delay, uniform in `0..=jitter`.
+    pub(crate) jitter: Duration,
+    /// Bytes per second each direction carries (`None`: unlimited).
+    pub(crate) bandwidth: Option<u64>,
+    /// Datagrams queued at a link's bottleneck before tail drop.
+    pub(crate) queue_limit: usize,
+    /// Largest datagram carried; longer ones are dropped.
+    pub(crate) mtu: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            seed: 1,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_by: Duration::from_micros(50),
+            delay: Duration::from_micros(10),
+            jitter: Duration::ZERO,
+            bandwidth: Some(1_250_000_000),
+            queue_limit: 1024,
+            mtu: 65_507,
+        }
+    }
+}
+
+/// What happened to a datagram (the trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    Delivered,
+    Lost,
+    Duplicated,
+    Reordered,
+    TooBig,
+    QueueFull,
+}
+
+/// One line of the trace: virtual time (since the start), sizes, fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceEvent {
+    pub(crate) at: Duration,
+    pub(crate) from: SocketAddr,
+    pub(crate) to: SocketAddr,
+    pub(crate) len: usize,
+    pub(crate) fate: Fate,
+}
+
+struct InFlight {
+    at: Instant,
+    order: u64,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.order) == (o.at, o.order)
+    }
+}
+impl Eq for InFlight {}
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for InFlight {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.order).cmp(&(o.at, o.order))
+    }
+}
+
+/// The link: datagrams between any addresses, with one bottleneck per direction pair.
+pub(crate) struct SimLink {
+    cfg: LinkConfig,
+    rng: Rng,
+    start: Instant,
+    now: Instant,
+    heap: BinaryHeap<Reverse<InFlight>>,
+    order: u64,
+    /// When each (from, to) bottleneck is free again, and how many wait for it.
+    busy: Vec<((SocketAddr, SocketAddr), Instant)>,
+    /// Addresses whose traffic is dropped (a frozen peer).
+    frozen: Vec<SocketAddr>,
+    pub(crate) trace: Vec<TraceEvent>,
+    pub(crate) keep_trace: bool,
+}
+
+impl std::fmt::Debug for SimLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimLink")
+            .field("now", &(self.now - self.start))
+            .field("in_flight", &self.heap.len())
+            .finish()
+    }
+}
+
+impl SimLink {
+    pub(crate) fn new(cfg: LinkConfig) -> SimLink {
+        let now = Instant::now();
+        SimLink {
+            rng: Rng::new(cfg.seed),
+            cfg,
+            start: now,
+            now,
+            heap: BinaryHeap::new(),
+            order: 0,
+            busy: Vec::new(),
+            frozen: Vec::new(),
+            trace: Vec::new(),
+            keep_trace: true,
+        }
+    }
+
+    /// Virtual now.
+    pub(crate) fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Virtual time since the start.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Move virtual time forward (never backward).
+    pub(crate) fn advance_to(&mut self, t: Instant) {
+        if t > self.now {
+            self.now = t;
+        }
+    }
+
+    /// Change the loss rate (e.g. to cut a link).
+    pub(crate) fn set_loss(&mut self, loss: f64) {
+        self.cfg.loss = loss;
+    }
+
+    /// Drop everything to and from `addr` until `thaw` (a peer that freezes).
+    pub(crate) fn freeze(&mut self, addr: SocketAddr) {
+        if !self.frozen.contains(&addr) {
+            self.frozen.push(addr);
+        }
+    }
+
+    pub(crate) fn thaw(&mut self, addr: SocketAddr) {
+        self.frozen.retain(|a| *a != addr);
+    }
+
+    fn record(&mut self, from: SocketAddr, to: SocketAddr, len: usize, fate: Fate) {
+        if self.keep_trace {
+            self.trace.push(TraceEvent {
+                at: self.now - self.start,
+                from,
+                to,
+                len,
+                fate,
+            });
+        }
+    }
+
+    /// Put a datagram on the link.
+    pub(crate) fn send(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+        if data.len() > self.cfg.mtu {
+            self.record(from, to, data.len(), Fate::TooBig);
+            return;
+        }
+        if self.frozen.contains(&from) || self.frozen.contains(&to) {
+            self.record(from, to, data.len(), Fate::Lost);
+            return;
+        }
+        if self.rng.chance(self.cfg.loss) {
+            self.record(from, to, data.len(), Fate::Lost);
+            return;
+        }
+        // Serialisation at the bottleneck.
+        let key = (from, to);
+        let free = self
+            .busy
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, t)| *t)
+            .unwrap_or(self.now)
+            .max(self.now);
+        let tx = match self.cfg.bandwidth {
+            Some(bps) if bps > 0 => {
+                Duration::from_nanos((data.len() as u64 * 1_000_000_000).div_ceil(bps))
+            }
+            _ => Duration::ZERO,
+        };
+        if let Some(bps) = self.cfg.bandwidth
+            && bps > 0
+        {
+            let backlog =
+                free.saturating_duration_since(self.now).as_nanos() as u64 * bps / 1_000_000_000;
+            let queued = backlog as usize / data.len().max(1);
+            if queued >= self.cfg.queue_limit {
+                self.record(from, to, data.len(), Fate::QueueFull);
+                return;
+            }
+        }
+        let departs = free + tx;
+        match self.busy.iter_mut().find(|(k, _)| *k == key) {
+            Some(e) => e.1 = departs,
+            None => self.busy.push((key, departs)),
+        }
+        let mut at = departs + self.cfg.delay + self.rng.upto(self.cfg.jitter);
+        let mut fate = Fate::Delivered;
+        if self.rng.chance(self.cfg.reorder) {
+            at += self.rng.upto(self.cfg.reorder_by);
+            fate = Fate::Reordered;
+        }
+        self.push(at, from, to, data.to_vec());
+        if self.rng.chance(self.cfg.duplicate) {
+            let again = at + self.rng.upto(self.cfg.reorder_by);
+            self.push(again, from, to, data.to_vec());
+            fate = Fate::Duplicated;
+        }
+        self.record(from, to, data.len(), fate);
+    }
+
+    fn push(&mut self, at: Instant, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        self.order += 1;
+        self.heap.push(Reverse(InFlight {
+            at,
+            order: self.order,
+            from,
+            to,
+            data,
+        }));
+    }
+
+    /// When the next datagram arrives somewhere.
+    pub(crate) fn next_arrival(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse(f)| f.at)
+    }
+
+    /// Take every datagram that has arrived by now: `(to, from, bytes)`.
+    pub(crate) fn take_arrived(&mut self, out: &mut Vec<(SocketAddr, SocketAddr, Vec<u8>)>) {
+        while self.heap.peek().is_some_and(|Reverse(f)| f.at <= self.now) {
+            let Reverse(f) = self.heap.pop().expect("peeked");
+            if self.frozen.contains(&f.to) {
+                continue;
+            }
+            out.push((f.to, f.from, f.data));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, 1], p))
+    }
+
+    #[test]
+    fn same_seed_same_trace() {
+        let run = |seed| {
+            let mut l = SimLink::new(LinkConfig {
+                seed,
+                loss: 0.2,
+                duplicate: 0.1,
+                reorder: 0.2,
+                jitter: Duration::from_micros(5),
+                ..LinkConfig::default()
+            });
+            for i in 0..500usize {
+                l.send(addr(1), addr(2), &vec![0u8; 100 + i % 900]);
+            }
+            l.trace.iter().map(|e| (e.len, e.fate)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn bandwidth_and_delay_are_respected() {
+        let mut l = SimLink::new(LinkConfig {
+            bandwidth: Some(1_000_000),
+            delay: Duration::from_millis(1),
+            ..LinkConfig::default()
+        });
+        for _ in 0..10 {
+            l.send(addr(1), addr(2), &[0u8; 1000]);
+        }
+        // 10 kB at 1 MB/s is 10 ms on the wire, plus 1 ms of propagation.
+        let last = {
+            let mut t = l.now();
+            while let Some(n) = l.next_arrival() {
+                l.advance_to(n);
+                let mut v = Vec::new();
+                l.take_arrived(&mut v);
+                t = n;
+            }
+            t
+        };
+        assert_eq!(l.elapsed(), Duration::from_millis(11));
+        let _ = last;
+    }
+
+    #[test]
+    fn mtu_drops_big_datagrams() {
+        let mut l = SimLink::new(LinkConfig {
+            mtu: 1500,
+            ..LinkConfig::default()
+        });
+        l.send(addr(1), addr(2), &[0u8; 1501]);
+        assert_eq!(l.trace[0].fate, Fate::TooBig);
+        assert_eq!(l.next_arrival(), None);
+    }
+}
