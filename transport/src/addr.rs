@@ -44,11 +44,7 @@ impl BackendKind {
     pub fn unavailable_reason(self) -> Option<String> {
         match self {
             BackendKind::Tcp => None,
-            BackendKind::Udp => Some(
-                "the udp backend (reliable datagrams over io_uring UDP) is not part of this \
-                 release yet; use tcp://"
-                    .into(),
-            ),
+            BackendKind::Udp => None,
             BackendKind::Xdp => {
                 Some("the xdp backend (AF_XDP) is not part of this release yet; use tcp://".into())
             }
@@ -264,6 +260,15 @@ pub fn select(addr: &Address) -> Selection {
     }
     let mut refused = Vec::new();
     for k in BackendKind::ALL {
+        if k == BackendKind::Udp {
+            refused.push((
+                k,
+                "auto uses the datagram path only with kernel bypass (xdp); name udp:// to \
+                 use it over the kernel"
+                    .to_string(),
+            ));
+            continue;
+        }
         match k.unavailable_reason() {
             None => {
                 return Selection {

@@ -80,6 +80,10 @@ pub struct EndpointConfig {
     /// and veth the kernel copies anyway at delivery, and measured slower (`pfs-bench
     /// client --zero-copy-send`); worth trying with a real NIC and large writes.
     pub zero_copy_send: Option<usize>,
+    /// Link MTU for the datagram backends (`udp`, `xdp`): datagrams carry up to this
+    /// minus the IP and UDP headers. 1500 by default; 9000 for jumbo frames; up to 65535
+    /// on loopback.
+    pub mtu: usize,
 }
 
 impl Default for EndpointConfig {
@@ -100,6 +104,7 @@ impl Default for EndpointConfig {
             huge_pages: true,
             socket_buffer: 0,
             zero_copy_send: None,
+            mtu: 1500,
         }
     }
 }
@@ -152,6 +157,12 @@ impl EndpointConfig {
         self
     }
 
+    /// Set the link MTU of the datagram backends.
+    pub fn mtu(mut self, mtu: usize) -> Self {
+        self.mtu = mtu;
+        self
+    }
+
     /// Set the largest message size.
     pub fn max_message_size(mut self, n: usize) -> Self {
         self.max_message_size = n;
@@ -177,6 +188,13 @@ impl EndpointConfig {
         if self.max_op_size == 0 || self.max_op_size > u64::from(u32::MAX) {
             return bad("max_op_size must be between 1 and 4294967295 bytes");
         }
+        if !(576..=65535).contains(&self.mtu) {
+            return Err(Error::InvalidArgument(format!(
+                "mtu {} is out of range: 576..=65535 (1500 for Ethernet, 9000 for jumbo \
+                 frames, 65535 on loopback)",
+                self.mtu
+            )));
+        }
         if self.max_message_size > u32::MAX as usize {
             return bad("max_message_size must be below 4 GiB");
         }
@@ -190,6 +208,12 @@ impl EndpointConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Largest UDP payload for the given IP version at this MTU.
+    pub(crate) fn max_datagram(&self, ipv6: bool) -> usize {
+        let headers = if ipv6 { 48 } else { 28 };
+        (self.mtu - headers).min(65_507)
     }
 
     /// Largest payload this endpoint accepts in one wire message.

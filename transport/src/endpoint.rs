@@ -3,13 +3,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::addr::{Address, BackendKind};
-use crate::backend::{Engine, OpKind, OpReq, tcp::TcpEngine};
+use crate::backend::{Engine, OpKind, OpReq, dgram::DgramEngine, tcp::TcpEngine};
 use crate::config::{EndpointConfig, Progress};
 use crate::error::{Error, Result};
 use crate::key::{RegionKey, Rights};
@@ -169,23 +169,129 @@ impl ConnShared {
 
 struct EndpointInner {
     core: Arc<Core>,
-    engines: Vec<Arc<dyn Engine>>,
-    driver: Driver,
+    engines: RwLock<Vec<Arc<dyn Engine>>>,
+    driver: RwLock<Driver>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Serialises the creation of engines started on first use.
+    adding: Mutex<()>,
+    /// Engines on a simulated network (tests).
+    #[cfg(test)]
+    sim_engines: Mutex<Vec<Arc<DgramEngine>>>,
+}
+
+/// Starts an engine on the thread that will drive it (`true`: a dedicated progress
+/// thread; `false`: caller-driven).
+type Start = Box<dyn FnOnce(bool) -> Result<()> + Send>;
+
+impl EndpointInner {
+    fn engines(&self) -> Vec<Arc<dyn Engine>> {
+        self.engines.read().expect("engine list poisoned").clone()
+    }
+
+    fn driver(&self) -> Driver {
+        self.driver.read().expect("driver poisoned").clone()
+    }
+
+    fn engine(&self, kind: BackendKind) -> Option<Arc<dyn Engine>> {
+        self.engines().into_iter().find(|e| e.kind() == kind)
+    }
+
+    /// Start `e` (its own progress thread, or here) and add it to the endpoint.
+    fn add_engine(&self, e: Arc<dyn Engine>, start: Start) -> Result<()> {
+        let cfg = &self.core.config;
+        match cfg.progress.clone() {
+            Progress::Caller => start(false)?,
+            Progress::Thread { cpu } => {
+                let h = spawn_progress(
+                    e.clone(),
+                    start,
+                    self.stop.clone(),
+                    cpu,
+                    cfg.wait == crate::config::WaitMode::BusyPoll,
+                )?;
+                self.threads.lock().expect("thread list poisoned").push(h);
+            }
+        }
+        let mut v = self.engines.write().expect("engine list poisoned");
+        v.push(e);
+        *self.driver.write().expect("driver poisoned") =
+            Driver::new(Arc::from(v.clone()), &cfg.progress, cfg.wait);
+        Ok(())
+    }
+
+    fn add_tcp(&self, listen: &[std::net::SocketAddr]) -> Result<Arc<dyn Engine>> {
+        let tcp = TcpEngine::new(self.core.clone(), listen)?;
+        let t = tcp.clone();
+        self.add_engine(
+            tcp.clone(),
+            Box::new(move |dedicated| t.init_ring(dedicated)),
+        )?;
+        Ok(tcp)
+    }
+
+    fn add_udp(&self, bind: std::net::SocketAddr, listening: bool) -> Result<Arc<dyn Engine>> {
+        let cfg = &self.core.config;
+        let max = cfg.max_datagram(bind.is_ipv6());
+        let driver = crate::frames::udp::UdpDriver::bind(
+            bind,
+            cfg.wait == crate::config::WaitMode::BusyPoll,
+            max,
+        )
+        .map_err(|e| Error::Io {
+            call: "bind",
+            source: std::io::Error::new(e.kind(), format!("udp://{bind}: {e}")),
+        })?;
+        let eng = DgramEngine::new(
+            self.core.clone(),
+            BackendKind::Udp,
+            Box::new(driver),
+            listening,
+            max,
+        );
+        let e = eng.clone();
+        self.add_engine(eng.clone(), Box::new(move |dedicated| e.start(dedicated)))?;
+        Ok(eng)
+    }
+
+    /// The engine for `kind`, started on first use.
+    fn engine_for(&self, kind: BackendKind, peer: &Address) -> Result<Arc<dyn Engine>> {
+        if let Some(e) = self.engine(kind) {
+            return Ok(e);
+        }
+        let _g = self.adding.lock().expect("engine creation poisoned");
+        if let Some(e) = self.engine(kind) {
+            return Ok(e);
+        }
+        match kind {
+            BackendKind::Tcp => self.add_tcp(&[]),
+            BackendKind::Udp => {
+                let any = if peer.socket_addr().is_ipv6() {
+                    std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+                } else {
+                    std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                };
+                self.add_udp(any, false)
+            }
+            other => Err(Error::Unsupported {
+                reason: format!("no {other} engine in this endpoint"),
+            }),
+        }
+    }
 }
 
 impl Drop for EndpointInner {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for e in &self.engines {
+        let engines = self.engines();
+        for e in &engines {
             e.wake();
         }
         let threads = std::mem::take(&mut *self.threads.lock().expect("thread list poisoned"));
         for t in threads {
             let _ = t.join();
         }
-        for e in &self.engines {
+        for e in &engines {
             e.shutdown();
         }
         for c in self.core.accepted.drain() {
@@ -214,21 +320,56 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
+fn new_core(config: EndpointConfig) -> Result<Arc<Core>> {
+    config.validate()?;
+    let mut id_bytes = [0u8; 8];
+    getrandom::fill(&mut id_bytes).map_err(|e| Error::Io {
+        call: "getrandom",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let id = u64::from_le_bytes(id_bytes) | 1;
+    Ok(Arc::new(Core {
+        id,
+        regions: RegionTable::new(id),
+        counters: Counters::default(),
+        accepted: Mailbox::new(config.max_pending_accepts),
+        next_conn: AtomicU64::new(1),
+        open_conns: AtomicUsize::new(0),
+        config,
+    }))
+}
+
 impl Endpoint {
+    fn from_core(core: Arc<Core>) -> Endpoint {
+        let driver = Driver::new(
+            Arc::from(Vec::new()),
+            &core.config.progress,
+            core.config.wait,
+        );
+        Endpoint {
+            inner: Arc::new(EndpointInner {
+                core,
+                engines: RwLock::new(Vec::new()),
+                driver: RwLock::new(driver),
+                stop: Arc::new(AtomicBool::new(false)),
+                threads: Mutex::new(Vec::new()),
+                adding: Mutex::new(()),
+                #[cfg(test)]
+                sim_engines: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
     /// Start an endpoint: bind its listen addresses and start its progress engines.
+    /// Engines for backends it does not listen on start on the first `connect`.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint> {
-        config.validate()?;
-        let mut id_bytes = [0u8; 8];
-        getrandom::fill(&mut id_bytes).map_err(|e| Error::Io {
-            call: "getrandom",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let id = u64::from_le_bytes(id_bytes) | 1;
         let mut tcp_listen = Vec::new();
+        let mut udp_listen = Vec::new();
         for a in &config.listen {
             let sel = crate::addr::select(a);
             match sel.chosen {
                 Some(BackendKind::Tcp) => tcp_listen.push(a.socket_addr()),
+                Some(BackendKind::Udp) => udp_listen.push(a.socket_addr()),
                 _ => {
                     return Err(Error::Unsupported {
                         reason: format!("cannot listen on {a}: {sel}"),
@@ -236,45 +377,71 @@ impl Endpoint {
                 }
             }
         }
-        let core = Arc::new(Core {
-            id,
-            regions: RegionTable::new(id),
-            counters: Counters::default(),
-            accepted: Mailbox::new(config.max_pending_accepts),
-            next_conn: AtomicU64::new(1),
-            open_conns: AtomicUsize::new(0),
-            config,
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        let tcp = TcpEngine::new(core.clone(), &tcp_listen)?;
-        let engines: Vec<Arc<dyn Engine>> = vec![tcp.clone()];
-        match core.config.progress.clone() {
-            Progress::Caller => tcp.init_ring(false)?,
-            Progress::Thread { cpu } => {
-                threads.push(spawn_progress(
-                    tcp.clone(),
-                    stop.clone(),
-                    cpu,
-                    core.config.wait == crate::config::WaitMode::BusyPoll,
-                )?);
-            }
+        if udp_listen.len() > 1 {
+            return Err(Error::InvalidArgument(
+                "one udp:// listen address per endpoint (bind several endpoints for more)".into(),
+            ));
         }
-        let driver = Driver::new(
-            Arc::from(engines.clone()),
-            &core.config.progress,
-            core.config.wait,
+        let ep = Endpoint::from_core(new_core(config)?);
+        if !tcp_listen.is_empty() {
+            ep.inner.add_tcp(&tcp_listen)?;
+        }
+        if let Some(a) = udp_listen.first() {
+            ep.inner.add_udp(*a, true)?;
+        }
+        tracing::debug!(endpoint = %format_args!("{:016x}", ep.id()), "endpoint up");
+        Ok(ep)
+    }
+
+    /// An endpoint on a simulated network, driven by the caller in virtual time (tests).
+    #[cfg(test)]
+    pub(crate) fn bind_sim(
+        config: EndpointConfig,
+        net: &crate::frames::sim::SimNet,
+        addr: std::net::SocketAddr,
+    ) -> Result<Endpoint> {
+        let config = config.progress(Progress::Caller);
+        let max = config.max_datagram(false);
+        let ep = Endpoint::from_core(new_core(config)?);
+        let eng = DgramEngine::new(
+            ep.inner.core.clone(),
+            BackendKind::Udp,
+            Box::new(net.driver(addr)),
+            true,
+            max,
         );
-        tracing::debug!(endpoint = %format_args!("{id:016x}"), "endpoint up");
-        Ok(Endpoint {
-            inner: Arc::new(EndpointInner {
-                core,
-                engines,
-                driver,
-                stop,
-                threads: Mutex::new(threads),
-            }),
-        })
+        let e = eng.clone();
+        ep.inner
+            .sim_engines
+            .lock()
+            .expect("sim engines")
+            .push(eng.clone());
+        ep.inner.add_engine(eng, Box::new(move |d| e.start(d)))?;
+        Ok(ep)
+    }
+
+    /// Connect on a simulated network: `drive` runs the world between checks.
+    #[cfg(test)]
+    pub(crate) fn connect_sim(&self, addr: &str, mut drive: impl FnMut()) -> Result<Connection> {
+        let addr = Address::parse(addr)?;
+        let dg = self
+            .inner
+            .sim_engines
+            .lock()
+            .expect("sim engines")
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Unsupported {
+                reason: "not a simulated endpoint".into(),
+            })?;
+        let slot = dg.start_connect(&addr);
+        for _ in 0..10_000_000 {
+            if let Some(r) = slot.take() {
+                return r.map(|s| self.wrap(s));
+            }
+            drive();
+        }
+        Err(Error::Closed("the simulated connect never finished"))
     }
 
     /// This endpoint's id (random, printed in hex in logs; the `owner` of its keys).
@@ -290,7 +457,7 @@ impl Endpoint {
     /// Addresses it listens on, with the real ports.
     pub fn local_addrs(&self) -> Vec<Address> {
         self.inner
-            .engines
+            .engines()
             .iter()
             .flat_map(|e| e.local_addrs())
             .collect()
@@ -298,7 +465,7 @@ impl Endpoint {
 
     /// One line per engine on how it is set up (io_uring flags, threads).
     pub fn describe(&self) -> Vec<String> {
-        self.inner.engines.iter().map(|e| e.describe()).collect()
+        self.inner.engines().iter().map(|e| e.describe()).collect()
     }
 
     /// Connect to a peer: `tcp://host:port`, or `auto://host:port` to let the transport
@@ -316,14 +483,7 @@ impl Endpoint {
         if addr.backend().is_none() {
             tracing::debug!(%addr, "{sel}");
         }
-        let engine = self
-            .inner
-            .engines
-            .iter()
-            .find(|e| e.kind() == kind)
-            .ok_or_else(|| Error::Unsupported {
-                reason: format!("no {kind} engine in this endpoint"),
-            })?;
+        let engine = self.inner.engine_for(kind, addr)?;
         if self.inner.core.open_conns.load(Ordering::Relaxed)
             >= self.inner.core.config.max_connections
         {
@@ -357,7 +517,7 @@ impl Endpoint {
         let q = &self.inner.core.accepted;
         let r = self
             .inner
-            .driver
+            .driver()
             .wait(&q.notify, Some(Instant::now() + timeout), || {
                 match q.try_pop() {
                     Ok(Some((c, _))) => Some(Ok(c)),
@@ -374,7 +534,7 @@ impl Endpoint {
 
     /// An incoming connection if one is waiting (drives progress once in caller mode).
     pub fn try_accept(&self) -> Option<Connection> {
-        if self.inner.driver.caller_drives {
+        if self.inner.core.config.progress == Progress::Caller {
             self.progress();
         }
         match self.inner.core.accepted.try_pop() {
@@ -400,7 +560,7 @@ impl Endpoint {
     /// Drive every engine once without blocking; returns how much work was done.
     /// Needed only with [`Progress::Caller`] (it is harmless otherwise).
     pub fn progress(&self) -> usize {
-        self.inner.engines.iter().map(|e| e.progress()).sum()
+        self.inner.engines().iter().map(|e| e.progress()).sum()
     }
 
     /// Counters over all of this endpoint's connections.
@@ -415,7 +575,8 @@ impl Endpoint {
 }
 
 fn spawn_progress(
-    engine: Arc<TcpEngine>,
+    engine: Arc<dyn Engine>,
+    start: Start,
     stop: Arc<AtomicBool>,
     cpu: Option<usize>,
     busy: bool,
@@ -430,7 +591,7 @@ fn spawn_progress(
             {
                 tracing::warn!("could not pin the progress thread to cpu {c}: {e}");
             }
-            if let Err(e) = engine.init_ring(true) {
+            if let Err(e) = start(true) {
                 let _ = tx.send(Err(e));
                 return;
             }
@@ -452,7 +613,7 @@ fn spawn_progress(
                     engine.park(Duration::from_millis(50));
                 }
             }
-            // The ring may only be used by this thread (single issuer): tear down here.
+            // The engine may only be driven by this thread (single issuer): tear down here.
             engine.shutdown();
         })
         .map_err(|e| Error::io("spawn progress thread", e))?;

@@ -76,6 +76,10 @@ counters! {
     notifications,
     /// Incoming data discarded: payloads of refused writes, late responses.
     drops,
+    /// Datagrams sent (datagram backends).
+    datagrams_sent,
+    /// Datagrams received (datagram backends).
+    datagrams_received,
     /// Malformed or unexpected input from the network.
     protocol_errors,
     /// Errors of any kind (local and remote, including protocol errors).

@@ -1,6 +1,7 @@
 //! Backends: the engines that carry operations. Nothing here is public; users see only
 //! [`Endpoint`](crate::Endpoint) and [`Connection`](crate::Connection).
 
+pub(crate) mod dgram;
 pub(crate) mod tcp;
 
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::addr::{Address, BackendKind};
 use crate::endpoint::ConnShared;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::op::Completion;
 use crate::sys::mem::Slice;
+use crate::wire::ErrorCode;
 use crate::wire::Target;
 
 /// What an operation does.
@@ -77,4 +79,44 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
     fn health(&self) -> Result<()>;
     /// One line about how the engine is set up (for reports).
     fn describe(&self) -> String;
+}
+
+/// The error an initiator reports for an `ERROR` answer from the target.
+pub(crate) fn remote_error(
+    code: ErrorCode,
+    text: String,
+    remote_off: u64,
+    len: u64,
+    key_len: u64,
+) -> Error {
+    let why = if text.is_empty() {
+        format!("{code:?}")
+    } else {
+        text
+    };
+    match code {
+        ErrorCode::AccessDenied | ErrorCode::WrongOwner | ErrorCode::AuthFailed => {
+            Error::AccessDenied {
+                reason: format!("refused by the target: {why}"),
+            }
+        }
+        ErrorCode::OutOfBounds => Error::OutOfBounds {
+            offset: remote_off,
+            len,
+            region_len: key_len,
+        },
+        ErrorCode::Revoked => Error::Revoked,
+        ErrorCode::Expired => Error::Expired,
+        ErrorCode::UnknownRegion => Error::UnknownRegion { region: 0 },
+        ErrorCode::Misaligned => Error::Misaligned { offset: remote_off },
+        ErrorCode::TooLarge => Error::TooLarge {
+            what: "operation (refused by the target)",
+            len,
+            max: 0,
+        },
+        ErrorCode::Busy => Error::Busy(why),
+        ErrorCode::UnsupportedVersion | ErrorCode::Protocol | ErrorCode::Other => {
+            Error::Protocol(format!("the target reported: {why}"))
+        }
+    }
 }

@@ -2,13 +2,26 @@
 //! reliable datagram protocol runs unchanged over kernel UDP (io_uring), AF_XDP, or the
 //! simulated link used by the tests.
 
+#[cfg(test)]
 pub(crate) mod sim;
+pub(crate) mod udp;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// Wakes a driver blocked in [`Driver::wait`] from another thread.
+pub(crate) trait Wake: Send + Sync {
+    fn wake(&self);
+}
 
 /// A datagram driver: where datagrams go out and come in, and what time it is.
 pub(crate) trait Driver: Send {
+    /// Set up what must live on the thread that drives the driver (an io_uring created
+    /// single-issuer by a dedicated progress thread).
+    fn start(&mut self, _dedicated: bool) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The driver's clock (virtual for the simulated link).
     fn now(&self) -> Instant;
     /// Queue one datagram for `to`; it leaves at the latest on [`flush`](Driver::flush).
@@ -17,9 +30,15 @@ pub(crate) trait Driver: Send {
     fn flush(&mut self);
     /// Hand every datagram that has arrived to `f(from, bytes)`; returns how many.
     fn recv(&mut self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> usize;
-    /// Block until a datagram may have arrived, `until` passes, or [`Waker::wake`] is
-    /// called. The simulated link advances virtual time instead.
+    /// Block until a datagram may have arrived, `until` passes, or the waker is called.
     fn wait(&mut self, until: Option<Instant>);
+    /// Tell the driver when the caller next needs to run (the simulated world uses it
+    /// to decide how far virtual time may jump; real drivers ignore it).
+    fn next_timer(&mut self, _at: Option<Instant>) {}
+    /// A handle that interrupts [`wait`](Driver::wait).
+    fn waker(&self) -> Arc<dyn Wake>;
+    /// Random bits for connection ids and first packet numbers (seeded in simulation).
+    fn random_u32(&mut self) -> u32;
     /// The local address datagrams come from.
     fn local_addr(&self) -> SocketAddr;
     /// One line on how the driver is set up.

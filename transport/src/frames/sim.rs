@@ -299,6 +299,173 @@ impl SimLink {
     }
 }
 
+/// A simulated network shared by several endpoints in one process, driven in virtual
+/// time by the test that owns it (see [`SimNet::advance`]).
+#[derive(Clone)]
+pub(crate) struct SimNet {
+    inner: std::sync::Arc<std::sync::Mutex<NetState>>,
+}
+
+impl std::fmt::Debug for SimNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimNet").finish_non_exhaustive()
+    }
+}
+
+/// Datagrams waiting at a host: (source, bytes).
+type Inbox = std::collections::VecDeque<(SocketAddr, Vec<u8>)>;
+
+struct NetState {
+    link: SimLink,
+    inbox: Vec<(SocketAddr, Inbox)>,
+    timers: Vec<(SocketAddr, Option<Instant>)>,
+    rng: Rng,
+}
+
+impl NetState {
+    fn pump(&mut self) {
+        let mut arrived = Vec::new();
+        self.link.take_arrived(&mut arrived);
+        for (to, from, d) in arrived {
+            if let Some((_, q)) = self.inbox.iter_mut().find(|(a, _)| *a == to) {
+                q.push_back((from, d));
+            }
+        }
+    }
+}
+
+impl SimNet {
+    pub(crate) fn new(cfg: LinkConfig) -> SimNet {
+        let seed = cfg.seed;
+        SimNet {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(NetState {
+                link: SimLink::new(cfg),
+                inbox: Vec::new(),
+                timers: Vec::new(),
+                rng: Rng::new(seed ^ 0x5eed),
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NetState> {
+        self.inner.lock().expect("sim net poisoned")
+    }
+
+    /// A driver for a host at `addr`.
+    pub(crate) fn driver(&self, addr: SocketAddr) -> SimDriver {
+        let mut n = self.lock();
+        if !n.inbox.iter().any(|(a, _)| *a == addr) {
+            n.inbox.push((addr, std::collections::VecDeque::new()));
+            n.timers.push((addr, None));
+        }
+        SimDriver {
+            net: self.clone(),
+            addr,
+        }
+    }
+
+    /// Virtual now.
+    pub(crate) fn now(&self) -> Instant {
+        self.lock().link.now()
+    }
+
+    /// Virtual time since the start.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.lock().link.elapsed()
+    }
+
+    /// Move virtual time to the next event (a datagram arriving, or a host's timer).
+    /// Returns false when nothing is scheduled at all.
+    pub(crate) fn advance(&self) -> bool {
+        let mut n = self.lock();
+        let mut next = n.link.next_arrival();
+        for (_, t) in &n.timers {
+            if let Some(t) = t {
+                next = Some(next.map_or(*t, |x| x.min(*t)));
+            }
+        }
+        match next {
+            Some(t) => {
+                n.link.advance_to(t);
+                n.pump();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Work on the link (loss rate, freezing hosts, the trace).
+    pub(crate) fn with_link<R>(&self, f: impl FnOnce(&mut SimLink) -> R) -> R {
+        f(&mut self.lock().link)
+    }
+}
+
+/// One host's view of a [`SimNet`].
+#[derive(Debug)]
+pub(crate) struct SimDriver {
+    net: SimNet,
+    addr: SocketAddr,
+}
+
+struct NoWake;
+impl super::Wake for NoWake {
+    fn wake(&self) {}
+}
+
+impl super::Driver for SimDriver {
+    fn now(&self) -> Instant {
+        self.net.now()
+    }
+
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.net.lock().link.send(self.addr, to, datagram);
+    }
+
+    fn flush(&mut self) {}
+
+    fn recv(&mut self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> usize {
+        let batch: Vec<(SocketAddr, Vec<u8>)> = {
+            let mut n = self.net.lock();
+            n.pump();
+            match n.inbox.iter_mut().find(|(a, _)| *a == self.addr) {
+                Some((_, q)) => q.drain(..).collect(),
+                None => Vec::new(),
+            }
+        };
+        for (from, d) in &batch {
+            f(*from, d);
+        }
+        batch.len()
+    }
+
+    fn wait(&mut self, _until: Option<Instant>) {
+        // Virtual time moves only in `SimNet::advance`, called by the test's world loop.
+    }
+
+    fn next_timer(&mut self, at: Option<Instant>) {
+        let mut n = self.net.lock();
+        if let Some((_, t)) = n.timers.iter_mut().find(|(a, _)| *a == self.addr) {
+            *t = at;
+        }
+    }
+
+    fn waker(&self) -> std::sync::Arc<dyn super::Wake> {
+        std::sync::Arc::new(NoWake)
+    }
+
+    fn random_u32(&mut self) -> u32 {
+        self.net.lock().rng.next_u64() as u32
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn describe(&self) -> String {
+        "simulated link (virtual time)".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::sys::mem::Slice;
 use crate::wire::{Body, Header, Limits, MAX_HEADER_LEN};
 
-use packet::{AckBlock, Init, Kind, Packet, ResetReason, SackRange, seq_le, seq_lt};
+use packet::{AckBlock, Init, Kind, Packet, ResetReason, SackRange, seq_lt};
 use recovery::{Cc, Rtt};
 
 /// Largest receive window (packets beyond the cumulative ACK).
@@ -124,11 +124,6 @@ impl OutMsg {
 
     pub(crate) fn len(&self) -> usize {
         self.hdr_len as usize + self.payload.len()
-    }
-
-    /// Payload bytes carried.
-    pub(crate) fn payload_len(&self) -> usize {
-        self.payload.len()
     }
 }
 
@@ -453,11 +448,6 @@ impl Conn {
         }
     }
 
-    /// Anything sent and not yet acknowledged.
-    pub(crate) fn has_unacked(&self) -> bool {
-        self.sent.iter().any(|s| !s.acked)
-    }
-
     /// Close locally: the peer gets a RESET.
     pub(crate) fn close(&mut self, reason: &str) {
         if !self.is_closed() {
@@ -492,12 +482,13 @@ impl Conn {
                 return;
             }
             Kind::InitAck => {
-                if self.client && self.state == State::Connecting {
-                    if let Some(init) = &p.init {
-                        self.accept_params(init);
-                        self.state = State::Established;
-                        self.handshake_at = None;
-                    }
+                if self.client
+                    && self.state == State::Connecting
+                    && let Some(init) = &p.init
+                {
+                    self.accept_params(init);
+                    self.state = State::Established;
+                    self.handshake_at = None;
                 }
                 self.last_recv = now;
                 return;
@@ -860,7 +851,7 @@ impl Conn {
             && self.inflight < self.cc.window()
             && seq_lt(self.next_seq, window_end)
         {
-            let room = self.max_message() + MAX_HEADER_LEN;
+            let room = self.max_message();
             let mut msgs = Vec::new();
             let mut size = 0;
             while let Some(m) = self.queue.front() {
@@ -908,6 +899,7 @@ impl Conn {
     }
 
     fn build_data(&mut self, now: Instant, seq: u32, msgs: &[OutMsg], out: &mut Vec<u8>) {
+        let start = out.len();
         let ack = self.ack_block(now);
         packet::put_prefix(out, Kind::Data, self.remote_id, seq, ack.is_some());
         if let Some(a) = &ack {
@@ -918,6 +910,10 @@ impl Conn {
             out.extend_from_slice(&m.hdr[..m.hdr_len as usize]);
             m.payload.append_to(out);
         }
+        debug_assert!(
+            out.len() - start <= self.max_datagram,
+            "datagram over the limit"
+        );
     }
 
     fn init_params(&self) -> Init {
@@ -931,18 +927,9 @@ impl Conn {
     }
 
     /// Whether everything queued was sent and acknowledged.
+    #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.sent.is_empty()
-    }
-
-    /// Smoothed round-trip time.
-    pub(crate) fn srtt(&self) -> Duration {
-        self.rtt.srtt()
-    }
-
-    /// Congestion window, in packets.
-    pub(crate) fn cwnd(&self) -> u32 {
-        self.cc.window()
     }
 
     /// Next packet number (for tests of wraparound).

@@ -20,8 +20,6 @@ pub const VERSION: u8 = 1;
 pub const PREFIX_LEN: usize = 12;
 /// Most SACK ranges one ACK block carries.
 pub const MAX_SACK: usize = 16;
-/// Length of an INIT / INIT_ACK body.
-pub const INIT_LEN: usize = 20;
 /// Largest ACK block.
 pub const MAX_ACK_LEN: usize = 10 + 4 * MAX_SACK;
 

@@ -1,6 +1,7 @@
 //! Kernel ABIs. Every `unsafe` block of the crate lives under this module.
 
 pub(crate) mod mem;
+pub(crate) mod net;
 pub(crate) mod uring;
 
 use std::io;

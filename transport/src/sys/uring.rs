@@ -78,6 +78,11 @@ pub(crate) enum Held {
     Gather(Gather),
     /// An eventfd read (its counter value is not needed).
     Counter,
+    /// A received datagram: the buffer (the result says how much of it) and its source.
+    Datagram {
+        buf: Vec<u8>,
+        from: Option<std::net::SocketAddr>,
+    },
 }
 
 /// A completion: the caller's tag, the kernel's result and the buffers back.
@@ -129,6 +134,20 @@ enum Slot {
     },
     Accept {
         tag: u64,
+    },
+    RecvFrom {
+        tag: u64,
+        buf: Vec<u8>,
+        _iov: Box<libc::iovec>,
+        msg: Box<libc::msghdr>,
+        addr: Box<super::net::RawAddr>,
+    },
+    SendTo {
+        tag: u64,
+        buf: Vec<u8>,
+        _iov: Box<libc::iovec>,
+        _msg: Box<libc::msghdr>,
+        _addr: Box<super::net::RawAddr>,
     },
     // The kernel writes the counter into `_val` until the read completes.
     Counter {
@@ -383,6 +402,71 @@ impl Ring {
         Ok(())
     }
 
+    /// Receive one datagram into `buf` (all of it), with its source address.
+    pub(crate) fn recvmsg_from(&mut self, fd: RawFd, mut buf: Vec<u8>, tag: u64) -> io::Result<()> {
+        self.room()?;
+        let mut addr = Box::new(super::net::RawAddr::empty());
+        let mut iov = Box::new(libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        });
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msg.msg_name = addr.as_mut_ptr().cast();
+        msg.msg_namelen = addr.len();
+        msg.msg_iov = &mut *iov;
+        msg.msg_iovlen = 1;
+        let msg_ptr: *mut libc::msghdr = &mut *msg;
+        let idx = self.alloc(Slot::RecvFrom {
+            tag,
+            buf,
+            _iov: iov,
+            msg,
+            addr,
+        });
+        let e = opcode::RecvMsg::new(types::Fd(fd), msg_ptr)
+            .build()
+            .user_data(u64::from(idx));
+        self.push(e);
+        Ok(())
+    }
+
+    /// Send `buf` as one datagram to `to`.
+    pub(crate) fn sendmsg_to(
+        &mut self,
+        fd: RawFd,
+        to: &std::net::SocketAddr,
+        buf: Vec<u8>,
+        tag: u64,
+    ) -> io::Result<()> {
+        self.room()?;
+        let mut addr = Box::new(super::net::RawAddr::from_socket_addr(to));
+        let mut iov = Box::new(libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        });
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msg.msg_name = addr.as_mut_ptr().cast();
+        msg.msg_namelen = addr.len();
+        msg.msg_iov = &mut *iov;
+        msg.msg_iovlen = 1;
+        let msg_ptr: *const libc::msghdr = &*msg;
+        let idx = self.alloc(Slot::SendTo {
+            tag,
+            buf,
+            _iov: iov,
+            _msg: msg,
+            _addr: addr,
+        });
+        let e = opcode::SendMsg::new(types::Fd(fd), msg_ptr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(u64::from(idx));
+        self.push(e);
+        Ok(())
+    }
+
     /// Accept one connection on a listening socket.
     pub(crate) fn accept(&mut self, fd: RawFd, tag: u64) -> io::Result<()> {
         self.room()?;
@@ -500,6 +584,23 @@ impl Ring {
                 Slot::Recv { tag, buf } => (tag, Held::Buf(buf)),
                 Slot::Send { tag, gather, .. } => (tag, Held::Gather(gather)),
                 Slot::Accept { tag } => (tag, Held::None),
+                Slot::RecvFrom {
+                    tag,
+                    buf,
+                    msg,
+                    mut addr,
+                    ..
+                } => {
+                    addr.set_len(msg.msg_namelen);
+                    (
+                        tag,
+                        Held::Datagram {
+                            buf,
+                            from: addr.socket_addr(),
+                        },
+                    )
+                }
+                Slot::SendTo { tag, buf, .. } => (tag, Held::Buf(Buf::Heap(buf))),
                 Slot::Counter { tag, .. } => (tag, Held::Counter),
             };
             self.free.push(idx as u32);

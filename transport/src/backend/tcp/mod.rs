@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::addr::{Address, BackendKind};
-use crate::backend::{Engine, OpKind, OpReq};
+use crate::backend::{Engine, OpKind, OpReq, remote_error};
 use crate::endpoint::{ConnShared, Core, Notification};
 use crate::error::{Error, Result};
 use crate::key::Rights;
@@ -867,41 +867,6 @@ struct State {
     ctx: Ctx,
     conns: IdMap<Conn>,
     cqes: Vec<Cqe>,
-}
-
-fn remote_error(code: ErrorCode, text: String, p: &Pending) -> Error {
-    let why = if text.is_empty() {
-        format!("{code:?}")
-    } else {
-        text
-    };
-    match code {
-        ErrorCode::AccessDenied | ErrorCode::WrongOwner | ErrorCode::AuthFailed => {
-            Error::AccessDenied {
-                reason: format!("refused by the target: {why}"),
-            }
-        }
-        ErrorCode::OutOfBounds => Error::OutOfBounds {
-            offset: p.remote_off,
-            len: p.len,
-            region_len: p.key_len,
-        },
-        ErrorCode::Revoked => Error::Revoked,
-        ErrorCode::Expired => Error::Expired,
-        ErrorCode::UnknownRegion => Error::UnknownRegion { region: 0 },
-        ErrorCode::Misaligned => Error::Misaligned {
-            offset: p.remote_off,
-        },
-        ErrorCode::TooLarge => Error::TooLarge {
-            what: "operation (refused by the target)",
-            len: p.len,
-            max: 0,
-        },
-        ErrorCode::Busy => Error::Busy(why),
-        ErrorCode::UnsupportedVersion | ErrorCode::Protocol | ErrorCode::Other => {
-            Error::Protocol(format!("the target reported: {why}"))
-        }
-    }
 }
 
 impl State {
@@ -2087,7 +2052,7 @@ impl Ctx {
                     return self.fail_conn(conn, why, true);
                 }
                 let err = match conn.pending.get(&op_id) {
-                    Some(p) => remote_error(code, text, p),
+                    Some(p) => remote_error(code, text, p.remote_off, p.len, p.key_len),
                     None => {
                         shared.count(C::drops, 1);
                         return;

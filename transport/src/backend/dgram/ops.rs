@@ -1,0 +1,867 @@
+//! The operation layer of the datagram backends: initiator and target logic over a
+//! reliable, unordered message transport.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::{DConn, DgramEngine};
+use crate::addr::Address;
+use crate::backend::{Engine, OpKind, OpReq, remote_error};
+use crate::endpoint::{ConnShared, Core, Notification};
+use crate::error::Error;
+use crate::idmap::IdMap;
+use crate::key::Rights;
+use crate::op::Completion;
+use crate::proto::{Conn as PConn, OutMsg, Payload, Sink};
+use crate::region::{cas, faa};
+use crate::stats::C;
+use crate::sys::mem::Slice;
+use crate::wire::{self, Body, ErrorCode, Header, MAX_ERROR_PAYLOAD, Target};
+
+/// Segments generated ahead into the protocol's queue (the rest wait, unsegmented).
+const PUMP_AHEAD: usize = 256;
+/// Answers waiting to be sent before a connection stops accepting requests.
+const MAX_BACKLOG: usize = 1 << 15;
+/// Incoming writes and messages tracked at once per connection.
+const MAX_TRACKED: usize = 1 << 14;
+
+/// An operation waiting for its answer.
+struct Pending {
+    done: Arc<Completion>,
+    kind: PKind,
+    remote_off: u64,
+    len: u64,
+    key_len: u64,
+}
+
+enum PKind {
+    Write,
+    /// Bytes of the read received so far.
+    Read(Slice, u64),
+    Atomic,
+    Send,
+}
+
+/// An outgoing byte stream, segmented as the protocol has room.
+enum Stream {
+    Write {
+        op_id: u64,
+        target: Target,
+        local: Slice,
+        notify: Option<u32>,
+        off: u64,
+    },
+    ReadResp {
+        op_id: u64,
+        data: Slice,
+        off: u64,
+    },
+    Send {
+        op_id: u64,
+        data: Arc<[u8]>,
+        off: usize,
+    },
+}
+
+/// Progress of an incoming multi-segment write.
+struct InWrite {
+    got: u64,
+    len: u64,
+    notify: Option<Notification>,
+    refused: bool,
+}
+
+/// Reassembly of an incoming message.
+struct InSend {
+    buf: Vec<u8>,
+    got: u64,
+    refused: bool,
+}
+
+/// Per-connection operation state.
+pub(super) struct OpLayer {
+    pub(super) shared: Option<Arc<ConnShared>>,
+    hello_sent: bool,
+    pub(super) handshake_error: Option<Error>,
+    next_op: u64,
+    pending: IdMap<Pending>,
+    timeouts: VecDeque<(Instant, u64)>,
+    fence: Option<OpReq>,
+    held: VecDeque<(OpReq, Instant)>,
+    streams: VecDeque<Stream>,
+    /// Messages produced while handling input or admitting ops, queued to the protocol
+    /// afterwards.
+    outbox: Vec<OutMsg>,
+    writes_in: IdMap<InWrite>,
+    sends_in: IdMap<InSend>,
+    /// Pause the protocol's receiving (application queues full).
+    want_pause: bool,
+    failed: bool,
+}
+
+/// What the engine lends the operation layer while a packet is handled.
+pub(super) struct Ctx<'a> {
+    pub(super) core: &'a Arc<Core>,
+    pub(super) me: &'a Weak<DgramEngine>,
+    pub(super) peer: SocketAddr,
+    pub(super) local: SocketAddr,
+    pub(super) client: bool,
+    pub(super) queued: usize,
+    /// A connection that became established: (its shared state, whether the accept
+    /// queue took it).
+    pub(super) new_shared: Option<(Arc<ConnShared>, bool)>,
+}
+
+fn msg(op_id: u64, body: Body, payload: Payload, len: usize) -> OutMsg {
+    OutMsg::new(
+        &Header {
+            op_id,
+            payload_len: len as u32,
+            body,
+        },
+        payload,
+    )
+}
+
+fn small(op_id: u64, body: Body) -> OutMsg {
+    msg(op_id, body, Payload::None, 0)
+}
+
+fn error_msg(op_id: u64, code: ErrorCode, why: &str) -> OutMsg {
+    let mut t = why.as_bytes().to_vec();
+    t.truncate(MAX_ERROR_PAYLOAD as usize);
+    let n = t.len();
+    let data: Arc<[u8]> = t.into();
+    msg(op_id, Body::Error { code }, Payload::Shared(data, 0..n), n)
+}
+
+impl OpLayer {
+    pub(super) fn new() -> OpLayer {
+        OpLayer {
+            shared: None,
+            hello_sent: false,
+            handshake_error: None,
+            next_op: 1,
+            pending: IdMap::default(),
+            timeouts: VecDeque::new(),
+            fence: None,
+            held: VecDeque::new(),
+            streams: VecDeque::new(),
+            outbox: Vec::new(),
+            writes_in: IdMap::default(),
+            sends_in: IdMap::default(),
+            want_pause: false,
+            failed: false,
+        }
+    }
+
+    pub(super) fn needs_hello(&self, client: bool) -> bool {
+        client && !self.hello_sent
+    }
+
+    /// The client's HELLO, once the datagram handshake is done.
+    pub(super) fn send_hello(&mut self, core: &Core, proto: &mut PConn) {
+        self.hello_sent = true;
+        proto.queue(small(
+            0,
+            Body::Hello {
+                min_version: wire::MIN_VERSION,
+                max_version: wire::MAX_VERSION,
+                endpoint: core.id,
+                max_payload: core.config.max_payload(),
+                features: 0,
+            },
+        ));
+    }
+
+    pub(super) fn is_failed(&self) -> bool {
+        self.failed || self.shared.is_none()
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.timeouts.front().map(|(d, _)| *d)
+    }
+
+    pub(super) fn sink<'a, 'b>(&'a mut self, ctx: &'a mut Ctx<'b>) -> OpSink<'a, 'b> {
+        OpSink { ops: self, ctx }
+    }
+
+    /// After a packet: queue what it produced; pause receiving if the application's
+    /// queues are full.
+    pub(super) fn after_packet(&mut self, proto: &mut PConn) {
+        self.flush_outbox(proto);
+        if self.want_pause {
+            self.want_pause = false;
+            proto.set_paused(true);
+        }
+    }
+
+    fn flush_outbox(&mut self, proto: &mut PConn) {
+        for m in self.outbox.drain(..) {
+            proto.queue(m);
+        }
+    }
+
+    // ---- initiator ----
+
+    pub(super) fn admit(
+        &mut self,
+        shared: &Arc<ConnShared>,
+        req: OpReq,
+        deadline: Instant,
+        proto: &mut PConn,
+    ) {
+        if self.fence.is_some() || !self.held.is_empty() {
+            self.held.push_back((req, deadline));
+        } else if matches!(req.kind, OpKind::Fence) {
+            if self.pending.is_empty() {
+                shared.finish(&req.done, Ok(0));
+            } else {
+                self.fence = Some(req);
+            }
+        } else {
+            self.issue(req, deadline);
+        }
+        self.flush_outbox(proto);
+    }
+
+    fn issue(&mut self, req: OpReq, deadline: Instant) {
+        let op_id = self.next_op;
+        self.next_op += 1;
+        let OpReq {
+            kind,
+            done,
+            key_len,
+            ..
+        } = req;
+        let (pk, remote_off, len) = match kind {
+            OpKind::Write {
+                local,
+                target,
+                notify,
+            } => {
+                let len = local.len() as u64;
+                self.streams.push_back(Stream::Write {
+                    op_id,
+                    target,
+                    local,
+                    notify,
+                    off: 0,
+                });
+                (PKind::Write, target.offset, len)
+            }
+            OpKind::Read { local, target } => {
+                let len = local.len() as u64;
+                self.outbox.push(small(op_id, Body::Read { target, len }));
+                (PKind::Read(local, 0), target.offset, len)
+            }
+            OpKind::Cas {
+                target,
+                expected,
+                new,
+            } => {
+                self.outbox.push(small(
+                    op_id,
+                    Body::Cas {
+                        target,
+                        expected,
+                        new,
+                    },
+                ));
+                (PKind::Atomic, target.offset, 8)
+            }
+            OpKind::Faa { target, add } => {
+                self.outbox.push(small(op_id, Body::Faa { target, add }));
+                (PKind::Atomic, target.offset, 8)
+            }
+            OpKind::Send { data } => {
+                let len = data.len() as u64;
+                self.streams.push_back(Stream::Send {
+                    op_id,
+                    data: data.into(),
+                    off: 0,
+                });
+                (PKind::Send, 0, len)
+            }
+            OpKind::Fence => unreachable!("fences are handled in admit"),
+        };
+        self.pending.insert(
+            op_id,
+            Pending {
+                done,
+                kind: pk,
+                remote_off,
+                len,
+                key_len,
+            },
+        );
+        self.timeouts.push_back((deadline, op_id));
+    }
+
+    fn complete(&mut self, op_id: u64, r: crate::error::Result<u64>) {
+        let Some(p) = self.pending.remove(&op_id) else {
+            return;
+        };
+        if let Some(s) = &self.shared {
+            if r.is_ok() {
+                match p.kind {
+                    PKind::Write => s.count(C::bytes_written, p.len),
+                    PKind::Read(..) => s.count(C::bytes_read, p.len),
+                    PKind::Send => {
+                        s.count(C::messages_sent, 1);
+                        s.count(C::message_bytes_sent, p.len);
+                    }
+                    PKind::Atomic => {}
+                }
+            }
+            s.finish(&p.done, r);
+        }
+        self.release_fence();
+    }
+
+    fn release_fence(&mut self) {
+        while self.fence.is_some() && self.pending.is_empty() {
+            if let (Some(f), Some(s)) = (self.fence.take(), &self.shared) {
+                s.finish(&f.done, Ok(0));
+            }
+            while let Some((r, deadline)) = self.held.pop_front() {
+                if matches!(r.kind, OpKind::Fence) {
+                    if self.pending.is_empty() {
+                        if let Some(s) = &self.shared {
+                            s.finish(&r.done, Ok(0));
+                        }
+                        continue;
+                    }
+                    self.fence = Some(r);
+                    break;
+                }
+                self.issue(r, deadline);
+            }
+        }
+    }
+
+    /// The first operation past its deadline, if any, as the reason to close the
+    /// connection (the same rule as the tcp backend: a timed-out operation may still be
+    /// in flight, so its connection goes).
+    pub(super) fn expire(&mut self, now: Instant, after: Duration) -> Option<String> {
+        while let Some(&(d, op_id)) = self.timeouts.front() {
+            if d > now {
+                return None;
+            }
+            self.timeouts.pop_front();
+            if let Some(p) = self.pending.remove(&op_id) {
+                if let Some(s) = &self.shared {
+                    s.finish(&p.done, Err(Error::Timeout { after }));
+                }
+                return Some(format!(
+                    "an operation timed out after {after:?}; the connection was closed so \
+                     that nothing still in flight touches memory after its deadline"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Generate segments of the outgoing streams while the protocol has room.
+    pub(super) fn pump(&mut self, proto: &mut PConn) {
+        self.flush_outbox(proto);
+        let seg = proto.max_segment() as u64;
+        while proto.queued() < PUMP_AHEAD && proto.can_queue() {
+            let Some(s) = self.streams.front_mut() else {
+                break;
+            };
+            let done = match s {
+                Stream::Write {
+                    op_id,
+                    target,
+                    local,
+                    notify,
+                    off,
+                } => {
+                    let total = local.len() as u64;
+                    let n = seg.min(total - *off);
+                    let part = local.sub(*off, n).expect("segment inside the source");
+                    proto.queue(msg(
+                        *op_id,
+                        Body::Write {
+                            target: Target {
+                                region: target.region,
+                                offset: target.offset + *off,
+                                token: target.token,
+                            },
+                            op_len: total,
+                            op_off: *off,
+                            notify: *notify,
+                        },
+                        if n > 0 {
+                            Payload::Region(part)
+                        } else {
+                            Payload::None
+                        },
+                        n as usize,
+                    ));
+                    *off += n;
+                    *off >= total
+                }
+                Stream::ReadResp { op_id, data, off } => {
+                    let total = data.len() as u64;
+                    let n = seg.min(total - *off);
+                    let part = data.sub(*off, n).expect("segment inside the region");
+                    proto.queue(msg(
+                        *op_id,
+                        Body::ReadResp {
+                            op_len: total,
+                            op_off: *off,
+                        },
+                        if n > 0 {
+                            Payload::Region(part)
+                        } else {
+                            Payload::None
+                        },
+                        n as usize,
+                    ));
+                    *off += n;
+                    *off >= total
+                }
+                Stream::Send { op_id, data, off } => {
+                    let total = data.len();
+                    let n = (seg as usize).min(total - *off);
+                    proto.queue(msg(
+                        *op_id,
+                        Body::Send {
+                            msg_len: total as u64,
+                            msg_off: *off as u64,
+                        },
+                        if n > 0 {
+                            Payload::Shared(data.clone(), *off..*off + n)
+                        } else {
+                            Payload::None
+                        },
+                        n,
+                    ));
+                    *off += n;
+                    *off >= total
+                }
+            };
+            if done {
+                self.streams.pop_front();
+            }
+        }
+    }
+}
+
+/// Fail everything pending on a closing connection.
+pub(super) fn fail_conn(c: &mut DConn, reason: &str) {
+    let ops = &mut c.ops;
+    if ops.failed {
+        return;
+    }
+    ops.failed = true;
+    if let Some(s) = ops.shared.clone() {
+        s.mark_closed(reason);
+        let err = || Error::lost(reason.to_string());
+        for (_, p) in ops.pending.drain() {
+            s.finish(&p.done, Err(err()));
+        }
+        if let Some(f) = ops.fence.take() {
+            s.finish(&f.done, Err(err()));
+        }
+        for (r, _) in ops.held.drain(..) {
+            s.finish(&r.done, Err(err()));
+        }
+    }
+    ops.timeouts.clear();
+    ops.streams.clear();
+    ops.outbox.clear();
+    ops.writes_in.clear();
+    ops.sends_in.clear();
+}
+
+/// A sink that takes nothing (for repeated INITs).
+pub(super) struct NoSink;
+
+impl Sink for NoSink {
+    fn can_accept(&mut self, _: &[(Header, &[u8])]) -> bool {
+        false
+    }
+    fn deliver(&mut self, _: Header, _: &[u8]) {}
+}
+
+/// The operation layer seen as the protocol's sink for one packet.
+pub(super) struct OpSink<'a, 'b> {
+    ops: &'a mut OpLayer,
+    ctx: &'a mut Ctx<'b>,
+}
+
+impl Sink for OpSink<'_, '_> {
+    fn can_accept(&mut self, msgs: &[(Header, &[u8])]) -> bool {
+        let o = &mut *self.ops;
+        if self.ctx.queued + o.outbox.len() + o.streams.len() > MAX_BACKLOG {
+            return false;
+        }
+        if o.writes_in.len() >= MAX_TRACKED || o.sends_in.len() >= MAX_TRACKED {
+            return false;
+        }
+        if let Some(s) = &o.shared {
+            let wants_room = msgs.iter().any(|(h, _)| {
+                matches!(
+                    h.body,
+                    Body::Send { .. }
+                        | Body::Write {
+                            notify: Some(_),
+                            ..
+                        }
+                )
+            });
+            if wants_room && !(s.inbox.has_room() && s.notes.has_room()) {
+                o.want_pause = true;
+                return false;
+            }
+        }
+        true
+    }
+
+    fn deliver(&mut self, h: Header, payload: &[u8]) {
+        let Some(shared) = self.ops.shared.clone() else {
+            return self.handshake(h, payload);
+        };
+        let o = &mut *self.ops;
+        let core = self.ctx.core;
+        let op_id = h.op_id;
+        match h.body {
+            Body::Hello { .. } | Body::HelloAck { .. } => shared.count(C::drops, 1),
+            Body::Write {
+                target,
+                op_len,
+                op_off,
+                notify,
+            } => {
+                let plen = payload.len() as u64;
+                let base = target.offset.checked_sub(op_off);
+                let e = o.writes_in.entry(op_id).or_insert_with(|| InWrite {
+                    got: 0,
+                    len: op_len,
+                    notify: None,
+                    refused: false,
+                });
+                let mut refusal = None;
+                if e.len != op_len || base.is_none() {
+                    refusal = Some((ErrorCode::Protocol, "inconsistent WRITE segments".into()));
+                } else if op_len > core.config.max_op_size {
+                    refusal = Some((
+                        ErrorCode::TooLarge,
+                        format!(
+                            "write of {op_len} bytes exceeds this endpoint's limit of {}",
+                            core.config.max_op_size
+                        ),
+                    ));
+                } else {
+                    match core.regions.authorize(&target, Rights::WRITE, plen, false) {
+                        Ok(slice) => {
+                            let _ = slice.copy_in(0, payload);
+                            shared.count(C::bytes_placed, plen);
+                            shared.count(C::bytes_copied_in_user_space, plen);
+                        }
+                        Err(r) => refusal = Some((r.code, r.why)),
+                    }
+                }
+                if let Some((code, why)) = refusal
+                    && !e.refused
+                {
+                    e.refused = true;
+                    shared.count(C::remote_ops_refused, 1);
+                    o.outbox.push(error_msg(op_id, code, &why));
+                }
+                if e.notify.is_none()
+                    && let (Some(imm), Some(base)) = (notify, base)
+                {
+                    e.notify = Some(Notification {
+                        region: target.region,
+                        offset: base,
+                        len: op_len,
+                        imm,
+                    });
+                }
+                e.got = e.got.saturating_add(plen);
+                if e.got >= e.len {
+                    let e = o.writes_in.remove(&op_id).expect("entry exists");
+                    if !e.refused {
+                        shared.count(C::remote_ops_served, 1);
+                        if let Some(n) = e.notify {
+                            let _ = shared.notes.push(n);
+                            shared.count(C::notifications, 1);
+                        }
+                        o.outbox.push(small(op_id, Body::Ack));
+                    }
+                }
+            }
+            Body::Read { target, len } => {
+                if len > core.config.max_op_size {
+                    shared.count(C::remote_ops_refused, 1);
+                    let why = format!(
+                        "read of {len} bytes exceeds this endpoint's limit of {}",
+                        core.config.max_op_size
+                    );
+                    o.outbox.push(error_msg(op_id, ErrorCode::TooLarge, &why));
+                    return;
+                }
+                match core.regions.authorize(&target, Rights::READ, len, false) {
+                    Ok(slice) => {
+                        shared.count(C::remote_ops_served, 1);
+                        shared.count(C::bytes_served, len);
+                        o.streams.push_back(Stream::ReadResp {
+                            op_id,
+                            data: slice,
+                            off: 0,
+                        });
+                    }
+                    Err(r) => {
+                        shared.count(C::remote_ops_refused, 1);
+                        o.outbox.push(error_msg(op_id, r.code, &r.why));
+                    }
+                }
+            }
+            Body::ReadResp { op_len, op_off } => {
+                let done = match o.pending.get_mut(&op_id) {
+                    Some(Pending {
+                        kind: PKind::Read(local, got),
+                        len,
+                        ..
+                    }) if *len == op_len => match local.sub(op_off, payload.len() as u64) {
+                        Some(dst) => {
+                            let _ = dst.copy_in(0, payload);
+                            shared.count(C::bytes_copied_in_user_space, payload.len() as u64);
+                            *got += payload.len() as u64;
+                            *got >= *len
+                        }
+                        None => {
+                            shared.count(C::protocol_errors, 1);
+                            false
+                        }
+                    },
+                    Some(_) => {
+                        shared.count(C::protocol_errors, 1);
+                        false
+                    }
+                    None => {
+                        // A late answer to an operation that already failed.
+                        shared.count(C::drops, 1);
+                        false
+                    }
+                };
+                if done {
+                    o.complete(op_id, Ok(0));
+                }
+            }
+            Body::Cas {
+                target,
+                expected,
+                new,
+            } => atomic(o, &shared, core, op_id, &target, |a| cas(a, expected, new)),
+            Body::Faa { target, add } => atomic(o, &shared, core, op_id, &target, |a| faa(a, add)),
+            Body::AtomicResp { old } => match o.pending.get(&op_id).map(|p| &p.kind) {
+                Some(PKind::Atomic) => o.complete(op_id, Ok(old)),
+                _ => shared.count(C::drops, 1),
+            },
+            Body::Send { msg_len, msg_off } => {
+                let max = core.config.max_message_size as u64;
+                let e = o.sends_in.entry(op_id).or_insert_with(|| InSend {
+                    buf: Vec::new(),
+                    got: 0,
+                    refused: msg_len > max,
+                });
+                if e.refused {
+                    if e.got == 0 {
+                        let why = format!("message of {msg_len} bytes exceeds the limit of {max}");
+                        o.outbox.push(error_msg(op_id, ErrorCode::TooLarge, &why));
+                    }
+                } else {
+                    if e.buf.len() as u64 != msg_len {
+                        e.buf.resize(msg_len as usize, 0);
+                    }
+                    let at = msg_off as usize;
+                    e.buf[at..at + payload.len()].copy_from_slice(payload);
+                }
+                e.got = e.got.saturating_add(payload.len() as u64).max(1);
+                if e.got >= msg_len {
+                    let e = o.sends_in.remove(&op_id).expect("entry exists");
+                    if !e.refused {
+                        shared.count(C::messages_received, 1);
+                        shared.count(C::message_bytes_received, msg_len);
+                        let _ = shared.inbox.push(e.buf);
+                        o.outbox.push(small(op_id, Body::Ack));
+                    }
+                }
+            }
+            Body::Ack => match o.pending.get(&op_id).map(|p| &p.kind) {
+                Some(PKind::Write) | Some(PKind::Send) => o.complete(op_id, Ok(0)),
+                _ => shared.count(C::drops, 1),
+            },
+            Body::Error { code } => {
+                let text = String::from_utf8_lossy(payload).into_owned();
+                if op_id == 0 {
+                    o.handshake_error = Some(Error::Protocol(format!(
+                        "the peer reported: {code:?}: {text}"
+                    )));
+                    return;
+                }
+                let err = match o.pending.get(&op_id) {
+                    Some(p) => remote_error(code, text, p.remote_off, p.len, p.key_len),
+                    None => {
+                        shared.count(C::drops, 1);
+                        return;
+                    }
+                };
+                o.complete(op_id, Err(err));
+            }
+            Body::Ping | Body::Pong | Body::Goodbye { .. } => {}
+        }
+    }
+}
+
+fn atomic(
+    o: &mut OpLayer,
+    shared: &ConnShared,
+    core: &Core,
+    op_id: u64,
+    target: &Target,
+    f: impl FnOnce(&std::sync::atomic::AtomicU64) -> u64,
+) {
+    match core.regions.authorize(target, Rights::ATOMIC, 8, true) {
+        Ok(slice) => match slice.mem().atomic_u64(slice.offset() as u64) {
+            Ok(a) => {
+                let old = f(a);
+                shared.count(C::remote_ops_served, 1);
+                o.outbox.push(small(op_id, Body::AtomicResp { old }));
+            }
+            Err(e) => {
+                shared.count(C::remote_ops_refused, 1);
+                o.outbox
+                    .push(error_msg(op_id, ErrorCode::Misaligned, &e.to_string()));
+            }
+        },
+        Err(r) => {
+            shared.count(C::remote_ops_refused, 1);
+            o.outbox.push(error_msg(op_id, r.code, &r.why));
+        }
+    }
+}
+
+impl OpSink<'_, '_> {
+    /// Messages before the connection is established: HELLO (target) or HELLO_ACK /
+    /// ERROR (initiator).
+    fn handshake(&mut self, h: Header, payload: &[u8]) {
+        let core = self.ctx.core;
+        let o = &mut *self.ops;
+        match h.body {
+            Body::Hello {
+                min_version,
+                max_version,
+                endpoint,
+                max_payload,
+                ..
+            } if !self.ctx.client => {
+                let version = max_version.min(wire::MAX_VERSION);
+                if version < min_version.max(wire::MIN_VERSION) {
+                    let why = format!(
+                        "no common wire version: the peer speaks {min_version}..={max_version}, \
+                         this endpoint {}..={}",
+                        wire::MIN_VERSION,
+                        wire::MAX_VERSION
+                    );
+                    tracing::warn!(peer = %self.ctx.peer, "{why}");
+                    o.outbox
+                        .push(error_msg(0, ErrorCode::UnsupportedVersion, &why));
+                    return;
+                }
+                // Peer authentication hook: the HELLO payload (up to 1 KiB) is reserved
+                // for a challenge-response; this version accepts every peer.
+                let _ = payload;
+                let Some(me) = self.ctx.me.upgrade() else {
+                    return;
+                };
+                let engine: Arc<dyn Engine> = me;
+                let kind = engine.kind();
+                let shared = ConnShared::new(
+                    core.next_conn_id(),
+                    core.clone(),
+                    engine,
+                    endpoint,
+                    Address::Udp(self.ctx.local).with_backend(kind),
+                    Address::Udp(self.ctx.peer).with_backend(kind),
+                    max_payload,
+                );
+                let accepted = core.accepted.push(shared.clone()).is_ok();
+                if accepted {
+                    o.outbox.push(small(
+                        0,
+                        Body::HelloAck {
+                            version,
+                            endpoint: core.id,
+                            max_payload: core.config.max_payload(),
+                            features: 0,
+                        },
+                    ));
+                    tracing::debug!(peer = %self.ctx.peer, "accepted");
+                    o.shared = Some(shared.clone());
+                } else {
+                    let why = "too many connections waiting to be accepted";
+                    shared.mark_closed(why);
+                    tracing::warn!(peer = %self.ctx.peer, "refusing connection: {why}");
+                    o.outbox.push(error_msg(0, ErrorCode::Busy, why));
+                }
+                self.ctx.new_shared = Some((shared, accepted));
+            }
+            Body::HelloAck {
+                version,
+                endpoint,
+                max_payload,
+                ..
+            } if self.ctx.client => {
+                if !(wire::MIN_VERSION..=wire::MAX_VERSION).contains(&version) {
+                    o.handshake_error = Some(Error::VersionMismatch {
+                        ours_min: wire::MIN_VERSION,
+                        ours_max: wire::MAX_VERSION,
+                        theirs_min: version,
+                        theirs_max: version,
+                    });
+                    return;
+                }
+                let Some(me) = self.ctx.me.upgrade() else {
+                    return;
+                };
+                let engine: Arc<dyn Engine> = me;
+                let kind = engine.kind();
+                let shared = ConnShared::new(
+                    core.next_conn_id(),
+                    core.clone(),
+                    engine,
+                    endpoint,
+                    Address::Udp(self.ctx.local).with_backend(kind),
+                    Address::Udp(self.ctx.peer).with_backend(kind),
+                    max_payload,
+                );
+                o.shared = Some(shared.clone());
+                self.ctx.new_shared = Some((shared, true));
+            }
+            Body::Error { code } if h.op_id == 0 => {
+                let text = String::from_utf8_lossy(payload).into_owned();
+                o.handshake_error = Some(match code {
+                    ErrorCode::Busy => Error::Busy(text),
+                    _ => Error::Protocol(format!("the peer refused the connection: {text}")),
+                });
+            }
+            Body::Ping => {}
+            other => {
+                tracing::debug!(
+                    peer = %self.ctx.peer,
+                    "dropping {:?} before the connection is established",
+                    other.opcode()
+                );
+                core.counters.add(C::protocol_errors, 1);
+            }
+        }
+    }
+}

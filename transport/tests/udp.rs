@@ -1,0 +1,63 @@
+//! The conformance suite over the `udp` backend (reliable datagrams over kernel UDP).
+
+mod conformance;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use conformance::{Fixture, Mode};
+use pfs_transport::Address;
+
+/// Send one raw datagram to a listener and collect whatever comes back for a moment.
+fn raw_garbage(addr: &Address, bytes: &[u8]) -> Option<Vec<u8>> {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let n = bytes.len().min(1400);
+    s.send_to(&bytes[..n], addr.socket_addr()).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let reply = match s.recv_from(&mut buf) {
+        Ok((k, _)) => buf[..k].to_vec(),
+        Err(_) => Vec::new(),
+    };
+    // Datagram backends answer garbage with silence (or a RESET), never text.
+    Some(if reply.first() == Some(&1) {
+        Vec::new()
+    } else {
+        reply
+    })
+}
+
+fn large() -> usize {
+    if cfg!(debug_assertions) {
+        32 << 20
+    } else {
+        1 << 30
+    }
+}
+
+fn udp(mode: Mode) -> Fixture {
+    Fixture {
+        name: "udp",
+        listen: "udp://127.0.0.1:0",
+        mode,
+        large: large(),
+        raw_garbage,
+        tweak: |c| c,
+    }
+}
+
+/// Loopback: 64 KiB datagrams.
+fn udp_jumbo(mode: Mode) -> Fixture {
+    Fixture {
+        tweak: |c| c.mtu(65535),
+        ..udp(mode)
+    }
+}
+
+conformance_suite!(thread_block, super::udp(super::Mode::ThreadBlock));
+conformance_suite!(caller_busy, super::udp(super::Mode::CallerBusy));
+conformance_suite!(
+    jumbo_thread_block,
+    super::udp_jumbo(super::Mode::ThreadBlock)
+);
