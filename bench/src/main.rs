@@ -8,6 +8,8 @@ mod scenario;
 mod units;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -78,6 +80,9 @@ struct ServerArgs {
     /// Largest region a client may ask for.
     #[arg(long, default_value = "1G", value_parser = units::parse_size)]
     max_region: u64,
+    /// Link MTU for the datagram backends (default: 65535 on loopback, 1500 otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65535))]
+    mtu: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -181,20 +186,47 @@ fn one_line(msg: &str) -> String {
         .join(" ")
 }
 
+/// The MTU of the loopback interface: datagram backends send 64 KiB datagrams there.
+pub(crate) const LOOPBACK_MTU: usize = 65535;
+
 type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-/// A server endpoint that hands out region keys on request and drains messages.
-fn spawn_server(ep: &Endpoint, max_region: u64) {
+/// A server endpoint that hands out region keys on request and drains messages, until
+/// the returned handle is dropped.
+struct ServerLoop {
+    stop: Arc<AtomicBool>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ServerLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_server(ep: &Endpoint, max_region: u64) -> ServerLoop {
     let ep = ep.clone();
-    std::thread::spawn(move || {
-        loop {
-            let Ok(conn) = ep.accept() else {
-                return;
-            };
-            let ep = ep.clone();
-            std::thread::spawn(move || serve_conn(&ep, conn, max_region));
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let accept = std::thread::spawn(move || {
+        while !s.load(Ordering::SeqCst) {
+            match ep.accept_timeout(Duration::from_millis(50)) {
+                Ok(Some(conn)) => {
+                    let ep = ep.clone();
+                    std::thread::spawn(move || serve_conn(&ep, conn, max_region));
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
         }
     });
+    ServerLoop {
+        stop,
+        accept: Some(accept),
+    }
 }
 
 /// Protocol: the client sends `region <bytes>`, the server answers with a key string
@@ -203,6 +235,13 @@ fn serve_conn(ep: &Endpoint, conn: Connection, max_region: u64) {
     let mut regions = Vec::new();
     while let Ok(m) = conn.recv() {
         let text = String::from_utf8_lossy(&m);
+        if text == "copies" {
+            let reply = format!("copies {}", ep.stats().bytes_copied_in_user_space);
+            if conn.send(reply.as_bytes()).and_then(|o| o.wait()).is_err() {
+                return;
+            }
+            continue;
+        }
         let Some(n) = text.strip_prefix("region ") else {
             continue;
         };
@@ -221,6 +260,17 @@ fn serve_conn(ep: &Endpoint, conn: Connection, max_region: u64) {
             return;
         }
     }
+}
+
+/// Ask a `pfs-bench server` how many payload bytes it copied in user space so far.
+fn request_copies(conn: &Connection) -> Option<u64> {
+    conn.send(b"copies").ok()?.wait().ok()?;
+    let reply = conn.recv_timeout(Duration::from_secs(10)).ok()??;
+    String::from_utf8_lossy(&reply)
+        .strip_prefix("copies ")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn request_region(conn: &Connection, bytes: u64) -> AnyResult<RegionKey> {
@@ -288,17 +338,20 @@ fn default_run(a: &RunArgs) -> AnyResult {
             return Err(format!("backend {kind} is not available: {why}").into());
         }
         let listen = format!("{}://127.0.0.1:0", kind.scheme());
+        // Loopback carries 64 KiB datagrams: the datagram backends use them.
         let server = Endpoint::bind(
             EndpointConfig::new()
                 .listen(&listen)?
                 .progress(server_progress.clone())
-                .wait_mode(server_wait),
+                .wait_mode(server_wait)
+                .mtu(LOOPBACK_MTU),
         )?;
-        spawn_server(&server, 1 << 30);
+        let serving = spawn_server(&server, 1 << 30);
         let client = Endpoint::bind(
             EndpointConfig::new()
                 .progress(Progress::Caller)
-                .wait_mode(WaitMode::BusyPoll),
+                .wait_mode(WaitMode::BusyPoll)
+                .mtu(LOOPBACK_MTU),
         )?;
         let conn = client.connect_addr(&server.local_addrs()[0])?;
         for (side, ep) in [("server", &server), ("client", &client)] {
@@ -312,6 +365,7 @@ fn default_run(a: &RunArgs) -> AnyResult {
             conn: &conn,
             key: &key,
             mode: mode.clone(),
+            peer_copies: Some(Box::new(|| Some(server.stats().bytes_copied_in_user_space))),
         };
         let plan = [
             (Test::Write, 1 << 20, 8),
@@ -336,6 +390,10 @@ fn default_run(a: &RunArgs) -> AnyResult {
             ));
             report.results.push(c.run(&p)?);
         }
+        // Stop this backend's server (and its spinning progress thread) before the next.
+        drop(c);
+        drop(conn);
+        drop(serving);
         units::progress_done();
     }
     report.memcpy = Some(memcpy::measure(a.duration.min(Duration::from_secs(2))));
@@ -363,6 +421,7 @@ fn server(a: &ServerArgs) -> AnyResult {
     let listen = with_backend(&a.listen, a.backend);
     let cfg = EndpointConfig::new()
         .listen(&listen.to_string())?
+        .mtu(a.mtu.map_or_else(|| mtu_for(&listen), |m| m as usize))
         .progress(Progress::Thread { cpu: a.cpu })
         .wait_mode(if a.busy_poll {
             WaitMode::BusyPoll
@@ -375,9 +434,18 @@ fn server(a: &ServerArgs) -> AnyResult {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    spawn_server(&ep, a.max_region);
+    let _serving = spawn_server(&ep, a.max_region);
     loop {
         std::thread::park();
+    }
+}
+
+/// The MTU to use towards `addr`: 64 KiB datagrams on loopback, Ethernet's 1500 else.
+pub(crate) fn mtu_for(addr: &Address) -> usize {
+    if addr.socket_addr().ip().is_loopback() {
+        LOOPBACK_MTU
+    } else {
+        1500
     }
 }
 
@@ -396,7 +464,8 @@ pub(crate) fn client_measure(
 ) -> AnyResult<scenario::Measurement> {
     let mut cfg = EndpointConfig::new()
         .progress(Progress::Caller)
-        .wait_mode(WaitMode::BusyPoll);
+        .wait_mode(WaitMode::BusyPoll)
+        .mtu(mtu_for(addr));
     if zero_copy_send {
         cfg = cfg.zero_copy_send(64 << 10);
     }
@@ -414,6 +483,7 @@ pub(crate) fn client_measure(
         conn: &conn,
         key: &key,
         mode: mode.to_string(),
+        peer_copies: Some(Box::new(|| request_copies(&conn))),
     };
     Ok(c.run(&Params {
         test,

@@ -95,8 +95,9 @@ pub struct Measurement {
     pub gbit_per_s: f64,
     pub mops_per_s: f64,
     pub latency: Option<Latency>,
-    /// Copies of each payload byte end to end (kernel send copy, kernel receive copy,
-    /// plus the share copied in user space from a staging buffer).
+    /// Copies of each payload byte end to end: the kernel's send and receive copies plus
+    /// the share copied in user space on either side (`None` when the target's count
+    /// is not available).
     pub copies_per_byte: Option<f64>,
     /// How the run was driven (progress, pinning).
     pub mode: String,
@@ -106,12 +107,17 @@ pub struct Measurement {
     pub zero_copy_sends_copied: u64,
 }
 
+/// Reads the target's count of bytes copied in user space (`None` if unknown).
+pub type PeerCopies<'a> = Box<dyn Fn() -> Option<u64> + 'a>;
+
 /// Everything a run needs on the initiator side.
 pub struct Client<'a> {
     pub ep: &'a Endpoint,
     pub conn: &'a Connection,
     pub key: &'a RegionKey,
     pub mode: String,
+    /// The target's user-space copy counter, for copies per byte.
+    pub peer_copies: Option<PeerCopies<'a>>,
 }
 
 impl Client<'_> {
@@ -146,6 +152,7 @@ impl Client<'_> {
             .ep
             .alloc_region(span.max(p.size) as usize, Rights::ALL)?;
         let before = self.ep.stats();
+        let peer_before = self.peer_copies.as_ref().map(|f| f());
         let mut inflight: VecDeque<(Instant, Op<()>)> = VecDeque::new();
         let mut atomics: VecDeque<Op<u64>> = VecDeque::new();
         let start = Instant::now();
@@ -185,6 +192,7 @@ impl Client<'_> {
             op.wait()?;
         }
         let after = self.ep.stats();
+        let peer_after = self.peer_copies.as_ref().map(|f| f());
         let size = if p.test == Test::Atomic { 8 } else { p.size };
         let bytes = ops * size;
         let bps = bytes as f64 / secs;
@@ -194,16 +202,20 @@ impl Client<'_> {
                 let moved = (after.bytes_written - before.bytes_written)
                     + (after.bytes_read - before.bytes_read)
                     + (after.message_bytes_sent - before.message_bytes_sent);
+                // Copies in user space on both sides (small payloads staged or packed,
+                // datagram payloads placed), plus the kernel's two (send and receive).
+                let peer = match (peer_before, peer_after) {
+                    (Some(Some(a)), Some(Some(b))) => Some(b.saturating_sub(a)),
+                    _ => None,
+                };
                 let user = after.bytes_copied_in_user_space - before.bytes_copied_in_user_space;
-                // Reads land on this side, so their user-space copies are counted here;
-                // writes land at the target, whose share is reported by the target.
-                Some(
+                peer.map(|peer| {
                     2.0 + if moved > 0 {
-                        user as f64 / moved as f64
+                        (user + peer) as f64 / moved as f64
                     } else {
                         0.0
-                    },
-                )
+                    }
+                })
             }
         };
         Ok(Measurement {

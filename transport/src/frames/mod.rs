@@ -26,6 +26,24 @@ pub(crate) trait Driver: Send {
     fn now(&self) -> Instant;
     /// Queue one datagram for `to`; it leaves at the latest on [`flush`](Driver::flush).
     fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// An empty buffer to build a datagram in, for [`send_owned`](Driver::send_owned).
+    fn take_buffer(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Queue a datagram built in a buffer from [`take_buffer`](Driver::take_buffer),
+    /// without copying it again.
+    fn send_owned(&mut self, to: SocketAddr, datagram: Vec<u8>) {
+        self.send(to, &datagram);
+    }
+    /// A gather list to build a datagram in, if the driver can send payloads straight
+    /// from where they live (no user-space copy); `None` otherwise.
+    fn take_gather(&mut self) -> Option<crate::sys::net::Datagram> {
+        None
+    }
+    /// Queue a datagram built in a gather list from [`take_gather`](Driver::take_gather).
+    fn send_gather(&mut self, _to: SocketAddr, _datagram: crate::sys::net::Datagram) {}
+    /// Give back an unused gather list.
+    fn return_gather(&mut self, _datagram: crate::sys::net::Datagram) {}
     /// Push queued datagrams to the network (batched: several per system call).
     fn flush(&mut self);
     /// Hand every datagram that has arrived to `f(from, bytes)`; returns how many.

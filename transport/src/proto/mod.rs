@@ -102,6 +102,58 @@ impl Payload {
     }
 }
 
+/// Where [`Conn::poll_transmit`] writes a datagram: a flat buffer (payloads copied in)
+/// or a gather list (payloads referenced where they live).
+pub(crate) trait Out {
+    /// Header bytes are appended here.
+    fn head(&mut self) -> &mut Vec<u8>;
+    /// Append a payload; returns how many bytes were copied to do so.
+    fn payload(&mut self, p: &Payload) -> usize;
+    fn clear(&mut self);
+    /// Call once the datagram is complete.
+    fn finish(&mut self) {}
+    fn out_len(&self) -> usize;
+}
+
+impl Out for Vec<u8> {
+    fn head(&mut self) -> &mut Vec<u8> {
+        self
+    }
+    fn payload(&mut self, p: &Payload) -> usize {
+        p.append_to(self);
+        p.len()
+    }
+    fn clear(&mut self) {
+        Vec::clear(self);
+    }
+    fn out_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Out for crate::sys::net::Datagram {
+    fn head(&mut self) -> &mut Vec<u8> {
+        &mut self.head
+    }
+    fn payload(&mut self, p: &Payload) -> usize {
+        match p {
+            Payload::None => {}
+            Payload::Region(s) => self.push_region(s.clone()),
+            Payload::Shared(b, r) => self.push_shared(b.clone(), r.clone()),
+        }
+        0
+    }
+    fn clear(&mut self) {
+        crate::sys::net::Datagram::clear(self);
+    }
+    fn finish(&mut self) {
+        crate::sys::net::Datagram::finish(self);
+    }
+    fn out_len(&self) -> usize {
+        self.len()
+    }
+}
+
 /// A wire message to deliver reliably.
 #[derive(Debug, Clone)]
 pub(crate) struct OutMsg {
@@ -149,6 +201,8 @@ pub(crate) struct ProtoStats {
     pub(crate) dropped: u64,
     pub(crate) malformed: u64,
     pub(crate) duplicates: u64,
+    /// Payload bytes copied into flat datagram buffers.
+    pub(crate) bytes_copied: u64,
 }
 
 /// What the layer above does with the messages of one DATA packet.
@@ -785,10 +839,17 @@ impl Conn {
 
     /// Write the next datagram to send into `out` (cleared first). Returns `false` when
     /// there is nothing to send now.
-    pub(crate) fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
+    pub(crate) fn poll_transmit(&mut self, now: Instant, out: &mut impl Out) -> bool {
         out.clear();
+        let sent = self.transmit(now, out);
+        out.finish();
+        sent
+    }
+
+    fn transmit(&mut self, now: Instant, out: &mut impl Out) -> bool {
         if let Some(why) = self.reset_pending.take() {
-            out.extend_from_slice(&packet::reset(self.remote_id, why));
+            out.head()
+                .extend_from_slice(&packet::reset(self.remote_id, why));
             return true;
         }
         if self.is_closed() {
@@ -796,8 +857,8 @@ impl Conn {
         }
         if self.state == State::Connecting {
             if self.handshake_at.is_some_and(|t| now >= t) {
-                packet::put_prefix(out, Kind::Init, 0, 0, false);
-                packet::put_init(out, &self.init_params());
+                packet::put_prefix(out.head(), Kind::Init, 0, 0, false);
+                packet::put_init(out.head(), &self.init_params());
                 self.handshake_backoff = (self.handshake_backoff + 1).min(10);
                 let wait = (self.cfg.initial_rtt.max(Duration::from_millis(1)) * 4)
                     * (1u32 << self.handshake_backoff.min(8));
@@ -808,8 +869,8 @@ impl Conn {
         }
         if self.send_init_ack {
             self.send_init_ack = false;
-            packet::put_prefix(out, Kind::InitAck, self.remote_id, 0, false);
-            packet::put_init(out, &self.init_params());
+            packet::put_prefix(out.head(), Kind::InitAck, self.remote_id, 0, false);
+            packet::put_init(out.head(), &self.init_params());
             return true;
         }
         // Lost packets go again first, under the same numbers (within the window too).
@@ -890,28 +951,27 @@ impl Conn {
             let Some(a) = self.ack_block(now) else {
                 return false;
             };
-            packet::put_prefix(out, Kind::Ack, self.remote_id, 0, false);
-            packet::put_ack(out, &a);
+            packet::put_prefix(out.head(), Kind::Ack, self.remote_id, 0, false);
+            packet::put_ack(out.head(), &a);
             self.acked_now();
             return true;
         }
         false
     }
 
-    fn build_data(&mut self, now: Instant, seq: u32, msgs: &[OutMsg], out: &mut Vec<u8>) {
-        let start = out.len();
+    fn build_data(&mut self, now: Instant, seq: u32, msgs: &[OutMsg], out: &mut impl Out) {
         let ack = self.ack_block(now);
-        packet::put_prefix(out, Kind::Data, self.remote_id, seq, ack.is_some());
+        packet::put_prefix(out.head(), Kind::Data, self.remote_id, seq, ack.is_some());
         if let Some(a) = &ack {
-            packet::put_ack(out, a);
+            packet::put_ack(out.head(), a);
             self.acked_now();
         }
         for m in msgs {
-            out.extend_from_slice(&m.hdr[..m.hdr_len as usize]);
-            m.payload.append_to(out);
+            out.head().extend_from_slice(&m.hdr[..m.hdr_len as usize]);
+            self.stats.bytes_copied += out.payload(&m.payload) as u64;
         }
         debug_assert!(
-            out.len() - start <= self.max_datagram,
+            out.out_len() <= self.max_datagram,
             "datagram over the limit"
         );
     }

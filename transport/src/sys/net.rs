@@ -160,59 +160,103 @@ pub(crate) fn sendmmsg(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<us
     Ok(sent)
 }
 
-/// Receive up to `bufs.len()` datagrams without blocking; for each, its length and
-/// source go into `out` (in the order of `bufs`).
-pub(crate) fn recvmmsg(
-    fd: RawFd,
-    bufs: &mut [Vec<u8>],
-    out: &mut Vec<(usize, Option<SocketAddr>)>,
-) -> io::Result<usize> {
-    out.clear();
-    let n = bufs.len().min(MMSG_BATCH);
-    if n == 0 {
-        return Ok(0);
+/// A reusable batch for `recvmmsg`: buffers, addresses and headers set up once, so a
+/// busy-polling receiver allocates and zeroes nothing per call.
+pub(crate) struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<RawAddr>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    got: usize,
+}
+
+// SAFETY: the raw pointers inside `iovs` and `hdrs` point into the heap allocations of
+// `bufs`, `addrs` and `iovs`, which the batch owns and never reallocates after `new`;
+// moving the batch (or sending it to another thread) moves no pointee.
+unsafe impl Send for RecvBatch {}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("n", &self.bufs.len())
+            .finish()
     }
-    let mut addrs: Vec<RawAddr> = (0..n).map(|_| RawAddr::empty()).collect();
-    let mut iovs: Vec<libc::iovec> = bufs[..n]
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: mmsghdr is plain data; all-zero is valid.
-    let mut hdrs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (i, h) in hdrs.iter_mut().enumerate() {
-        h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
-        h.msg_hdr.msg_namelen = addrs[i].len();
-        h.msg_hdr.msg_iov = &mut iovs[i];
-        h.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: each header points at a buffer we borrow mutably (the kernel writes at most
-    // its length) and at an address buffer of the announced size, all alive for the call.
-    let r = unsafe {
-        libc::recvmmsg(
-            fd,
-            hdrs.as_mut_ptr(),
-            n as libc::c_uint,
-            libc::MSG_DONTWAIT,
-            std::ptr::null_mut(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    for (i, h) in hdrs.iter().take(r as usize).enumerate() {
-        addrs[i].set_len(h.msg_hdr.msg_namelen);
-        let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        let len = if truncated {
-            usize::MAX
-        } else {
-            h.msg_len as usize
+}
+
+impl RecvBatch {
+    /// `n` buffers (at most [`MMSG_BATCH`]) of `size` bytes.
+    pub(crate) fn new(n: usize, size: usize) -> RecvBatch {
+        let n = n.clamp(1, MMSG_BATCH);
+        let mut b = RecvBatch {
+            bufs: (0..n).map(|_| vec![0u8; size]).collect(),
+            addrs: (0..n).map(|_| RawAddr::empty()).collect(),
+            iovs: Vec::with_capacity(n),
+            // SAFETY: mmsghdr is plain data; all-zero is valid.
+            hdrs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            got: 0,
         };
-        out.push((len, addrs[i].socket_addr()));
+        for buf in b.bufs.iter_mut() {
+            b.iovs.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            });
+        }
+        for i in 0..n {
+            let name = b.addrs[i].as_mut_ptr();
+            let iov: *mut libc::iovec = &mut b.iovs[i];
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = name.cast();
+            h.msg_iov = iov;
+            h.msg_iovlen = 1;
+        }
+        b
     }
-    Ok(r as usize)
+
+    /// Receive up to the batch's size without blocking; returns how many arrived.
+    pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.got = 0;
+        let size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        for h in self.hdrs.iter_mut() {
+            h.msg_hdr.msg_namelen = size;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points at one of our buffers (through its iovec) and at an
+        // address buffer of the announced size, all owned by `self` and borrowed mutably
+        // for the call; the kernel writes at most those sizes.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.got = r as usize;
+        for i in 0..self.got {
+            let len = self.hdrs[i].msg_hdr.msg_namelen;
+            self.addrs[i].set_len(len);
+        }
+        Ok(self.got)
+    }
+
+    /// Datagram `i` of the last receive: its bytes and source, or `None` when it was
+    /// truncated (longer than the buffers) or has no IP source.
+    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        if i >= self.got {
+            return None;
+        }
+        let h = &self.hdrs[i];
+        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let len = (h.msg_len as usize).min(self.bufs[i].len());
+        Some((&self.bufs[i][..len], self.addrs[i].socket_addr()?))
+    }
 }
 
 /// Ask for big socket buffers: `SO_*BUFFORCE` as root (beyond `net.core.*mem_max`),
@@ -269,15 +313,15 @@ mod tests {
         let msgs: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();
         use std::os::fd::AsRawFd;
         assert_eq!(sendmmsg(a.as_raw_fd(), &msgs).unwrap(), 100);
-        let mut bufs: Vec<Vec<u8>> = (0..64).map(|_| vec![0u8; 2048]).collect();
-        let mut out = Vec::new();
+        let mut batch = RecvBatch::new(64, 2048);
         let mut got = 0;
         while got < 100 {
-            match recvmmsg(b.as_raw_fd(), &mut bufs, &mut out) {
+            match batch.recv(b.as_raw_fd()) {
                 Ok(n) => {
-                    for (i, (len, from)) in out.iter().enumerate() {
-                        assert_eq!(*from, Some(a.local_addr().unwrap()));
-                        assert_eq!(&bufs[i][..*len], &payloads[got + i][..]);
+                    for i in 0..n {
+                        let (d, from) = batch.get(i).unwrap();
+                        assert_eq!(from, a.local_addr().unwrap());
+                        assert_eq!(d, &payloads[got + i][..]);
                     }
                     got += n;
                 }
@@ -286,4 +330,160 @@ mod tests {
             }
         }
     }
+}
+
+/// A datagram as a gather list: header bytes in `head`, payloads referenced where they
+/// live (region memory, shared buffers), sent without copying them in user space.
+#[derive(Debug, Default)]
+pub(crate) struct Datagram {
+    pub(crate) head: Vec<u8>,
+    parts: Vec<Part>,
+    mark: usize,
+}
+
+#[derive(Debug)]
+enum Part {
+    Head(std::ops::Range<usize>),
+    Region(super::mem::Slice),
+    Shared(std::sync::Arc<[u8]>, std::ops::Range<usize>),
+}
+
+impl Datagram {
+    pub(crate) fn clear(&mut self) {
+        self.head.clear();
+        self.parts.clear();
+        self.mark = 0;
+    }
+
+    fn close_head(&mut self) {
+        if self.head.len() > self.mark {
+            self.parts.push(Part::Head(self.mark..self.head.len()));
+            self.mark = self.head.len();
+        }
+    }
+
+    /// Append a window of region memory.
+    pub(crate) fn push_region(&mut self, s: super::mem::Slice) {
+        self.close_head();
+        if s.len() > 0 {
+            self.parts.push(Part::Region(s));
+        }
+    }
+
+    /// Append a window of a shared buffer (checked against its length).
+    pub(crate) fn push_shared(&mut self, b: std::sync::Arc<[u8]>, r: std::ops::Range<usize>) {
+        self.close_head();
+        if r.start < r.end && r.end <= b.len() {
+            self.parts.push(Part::Shared(b, r));
+        }
+    }
+
+    /// Close the trailing header bytes (call once the datagram is complete).
+    pub(crate) fn finish(&mut self) {
+        self.close_head();
+    }
+
+    /// Total bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() - self.mark
+            + self
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Head(r) | Part::Shared(_, r) => r.len(),
+                    Part::Region(s) => s.len(),
+                })
+                .sum::<usize>()
+    }
+
+    fn iovecs(&self, out: &mut Vec<libc::iovec>) {
+        for p in &self.parts {
+            let (ptr, len) = match p {
+                Part::Head(r) => (self.head[r.clone()].as_ptr(), r.len()),
+                Part::Shared(b, r) => (b[r.clone()].as_ptr(), r.len()),
+                Part::Region(s) => (s.as_ptr().cast_const(), s.len()),
+            };
+            out.push(libc::iovec {
+                iov_base: ptr.cast_mut().cast(),
+                iov_len: len,
+            });
+        }
+    }
+}
+
+/// Send each `(to, datagram)` with gathered iovecs, one `sendmmsg` per [`MMSG_BATCH`];
+/// returns how many went out.
+pub(crate) fn sendmmsg_gather(fd: RawFd, msgs: &[(SocketAddr, Datagram)]) -> io::Result<usize> {
+    let mut sent = 0;
+    for chunk in msgs.chunks(MMSG_BATCH) {
+        let mut addrs: Vec<RawAddr> = chunk
+            .iter()
+            .map(|(a, _)| RawAddr::from_socket_addr(a))
+            .collect();
+        let mut iovs: Vec<libc::iovec> = Vec::new();
+        let mut spans = Vec::with_capacity(chunk.len());
+        for (_, d) in chunk {
+            let start = iovs.len();
+            d.iovecs(&mut iovs);
+            spans.push(start..iovs.len());
+        }
+        // SAFETY: mmsghdr is plain data; all-zero is valid.
+        let mut hdrs: Vec<libc::mmsghdr> = (0..chunk.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        for (i, h) in hdrs.iter_mut().enumerate() {
+            h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_namelen = addrs[i].len();
+            h.msg_hdr.msg_iov = iovs[spans[i].clone()].as_mut_ptr();
+            h.msg_hdr.msg_iovlen = spans[i].len();
+        }
+        // SAFETY: every iovec points into a buffer owned by `msgs` (header vectors, shared
+        // buffers, region memory kept alive by its slice), borrowed for the whole call;
+        // the kernel only reads them. Headers and addresses live until the call returns.
+        let r = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if sent > 0 { Ok(sent) } else { Err(e) };
+        }
+        sent += r as usize;
+        if (r as usize) < chunk.len() {
+            break;
+        }
+    }
+    Ok(sent)
+}
+
+/// One datagram without blocking (`recvfrom(MSG_DONTWAIT)`): its length (or
+/// `usize::MAX` when it was longer than `buf`) and source.
+pub(crate) fn recv_from(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<SocketAddr>)> {
+    let mut addr = RawAddr::empty();
+    let mut len = addr.len();
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf` and at most `len`
+    // bytes into `addr`, both borrowed mutably for the call.
+    let r = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            addr.as_mut_ptr(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    addr.set_len(len);
+    let n = r as usize;
+    Ok((
+        if n > buf.len() { usize::MAX } else { n },
+        addr.socket_addr(),
+    ))
 }

@@ -246,14 +246,10 @@ impl DgramEngine {
         slot
     }
 
-    /// A progress pass over a started engine.
-    fn pass(&self, st: &mut State) -> usize {
-        let State { driver, w, buf } = st;
-        let now = driver.now();
-        while w.rand.len() < 64 {
-            w.rand.push(driver.random_u32());
-        }
-        let mut work = driver.recv(&mut |from, d| w.on_datagram(now, from, d));
+    /// Take control messages and submissions.
+    fn intake(&self, st: &mut State, now: Instant) -> usize {
+        let State { driver, w, .. } = st;
+        let mut work = 0;
         if self.ctl_pending.swap(false, Ordering::AcqRel) {
             let ctl = std::mem::take(&mut *self.ctl.lock().expect("ctl lock"));
             work += ctl.len();
@@ -269,13 +265,46 @@ impl DgramEngine {
             n += 1;
             w.admit(now, &shared, req);
         }
-        work += n;
+        work + n
+    }
+
+    /// A progress pass over a started engine: new requests leave before the pass looks
+    /// for input (as in the tcp backend), answers to the input leave at its end.
+    fn pass(&self, st: &mut State) -> usize {
+        let now = st.driver.now();
+        let mut work = self.intake(st, now);
+        let State { driver, w, buf } = st;
+        if work > 0 {
+            w.transmit(now, &mut **driver, buf);
+            driver.flush();
+        }
+        while w.rand.len() < 64 {
+            w.rand.push(driver.random_u32());
+        }
+        work += driver.recv(&mut |from, d| w.on_datagram(now, from, d));
         w.tick(now);
         work += w.transmit(now, &mut **driver, buf);
         driver.flush();
         w.remove_closed();
         driver.next_timer(w.next_timer());
         work
+    }
+
+    /// Send what was just submitted, from the submitting thread (caller-driven
+    /// busy-poll, a connection's only operation): no pass, no poll.
+    fn issue_now(&self) {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return;
+        };
+        let Some(st) = guard.as_mut() else {
+            return;
+        };
+        let now = st.driver.now();
+        if self.intake(st, now) > 0 {
+            let State { driver, w, buf } = st;
+            w.transmit(now, &mut **driver, buf);
+            driver.flush();
+        }
     }
 }
 
@@ -286,7 +315,14 @@ impl Engine for DgramEngine {
 
     fn submit(&self, conn: &Arc<ConnShared>, req: OpReq) -> std::result::Result<(), OpReq> {
         self.ops.push((conn.clone(), req)).map_err(|(_, r)| r)?;
-        self.wake();
+        if self.owner.get().is_none()
+            && self.core.config.wait == crate::config::WaitMode::BusyPoll
+            && conn.inflight.load(Ordering::Relaxed) <= 1
+        {
+            self.issue_now();
+        } else {
+            self.wake();
+        }
         Ok(())
     }
 
@@ -644,9 +680,29 @@ impl World {
                 c.ops.send_hello(&self.core, &mut c.proto);
             }
             c.ops.pump(&mut c.proto);
-            while c.proto.poll_transmit(now, buf) {
-                driver.send(c.peer, buf);
+            let copied = c.proto.stats.bytes_copied;
+            loop {
+                if let Some(mut g) = driver.take_gather() {
+                    if !c.proto.poll_transmit(now, &mut g) {
+                        driver.return_gather(g);
+                        break;
+                    }
+                    driver.send_gather(c.peer, g);
+                } else {
+                    let mut b = driver.take_buffer();
+                    if !c.proto.poll_transmit(now, &mut b) {
+                        *buf = b;
+                        break;
+                    }
+                    driver.send_owned(c.peer, b);
+                }
                 n += 1;
+            }
+            let copied = c.proto.stats.bytes_copied - copied;
+            if copied > 0
+                && let Some(s) = &c.ops.shared
+            {
+                s.count(C::bytes_copied_in_user_space, copied);
             }
         }
         if n > 0 {
@@ -656,6 +712,9 @@ impl World {
     }
 
     fn remove_closed(&mut self) {
+        if !self.conns.values().any(|c| c.proto.is_closed()) {
+            return;
+        }
         let dead: Vec<u64> = self
             .conns
             .iter()
