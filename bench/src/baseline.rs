@@ -101,15 +101,16 @@ fn cpus(client: bool) -> &'static str {
     }
 }
 
-/// Start `pfs-bench server` (this executable) pinned like the baseline servers.
-fn pfs_server() -> AnyResult<(Proc, Address)> {
+/// Start `pfs-bench server` (this executable) for `scheme` on loopback, pinned like the
+/// baseline servers.
+fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
     let exe = std::env::current_exe()?;
     let mut child = Proc(
         Command::new(exe)
             .args([
                 "server",
                 "--listen",
-                "tcp://127.0.0.1:0",
+                &format!("{scheme}://127.0.0.1:0"),
                 "--cpu",
                 cpus(false),
                 "--busy-poll",
@@ -285,50 +286,69 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         cpus(false)
     );
 
-    // Bandwidth: tcp backend, 1 MiB writes, vs iperf3 single TCP stream.
-    let mut bw = Vec::new();
+    let ours = |scheme: &str, rest: &str| {
+        format!(
+            "pfs-bench client {scheme}://127.0.0.1:P {rest} --duration {secs}s --cpu {} \
+             (server: pfs-bench server --listen {scheme}://127.0.0.1:P --cpu {} --busy-poll)",
+            cpus(true),
+            cpus(false)
+        )
+    };
+
+    // Bandwidth, 1 MiB writes: tcp backend vs iperf3 single TCP stream, udp backend
+    // (64 KiB datagrams) vs tcp backend; the three interleaved in each round.
+    let (mut tcp_iperf, mut udp_tcp) = (Vec::new(), Vec::new());
     for i in 0..a.pairs {
-        units::progress(&format!("  bandwidth pair {}/{} ...", i + 1, a.pairs));
-        let (server, addr) = pfs_server()?;
-        let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode, false)?;
-        drop(server);
+        units::progress(&format!("  bandwidth round {}/{} ...", i + 1, a.pairs));
+        let mut gbit = |scheme: &str| -> AnyResult<f64> {
+            let (server, addr) = pfs_server(scheme)?;
+            let m = client_measure(&addr, Test::Write, 1 << 20, 8, dur, warm, mode, false)?;
+            drop(server);
+            let g = m.gbit_per_s;
+            report.results.push(m);
+            Ok(g)
+        };
+        let tcp = gbit("tcp")?;
+        let udp = gbit("udp")?;
         let theirs = iperf3(secs)?;
-        bw.push((m.gbit_per_s, theirs));
-        report.results.push(m);
+        tcp_iperf.push((tcp, theirs));
+        udp_tcp.push((udp, tcp));
     }
-    let ours_bw = format!(
-        "pfs-bench client tcp://127.0.0.1:P --test write --size 1M --depth 8 --duration {secs}s --cpu {} \
-         (server: pfs-bench server --cpu {} --busy-poll)",
-        cpus(true),
-        cpus(false)
-    );
-    let base_bw = format!(
-        "{} (server: iperf3 -s -1 -p P -A {})",
-        iperf3_command(0, secs).join(" ").replace("-p 0", "-p P"),
-        cpus(false)
-    );
+    let write_args = "--test write --size 1M --depth 8";
     report.comparisons.push(Comparison::new(
         "tcp 1 MiB writes vs iperf3 single TCP stream (loopback)",
-        &ours_bw,
-        &base_bw,
+        &ours("tcp", write_args),
+        &format!(
+            "{} (server: iperf3 -s -1 -p P -A {})",
+            iperf3_command(0, secs).join(" ").replace("-p 0", "-p P"),
+            cpus(false)
+        ),
         "Gbit/s",
-        bw,
+        tcp_iperf,
         "higher",
         Some(0.9),
     ));
+    report.comparisons.push(Comparison::new(
+        "udp 1 MiB writes (64 KiB datagrams) vs tcp 1 MiB writes (loopback)",
+        &ours("udp", write_args),
+        &ours("tcp", write_args),
+        "Gbit/s",
+        udp_tcp,
+        "higher",
+        Some(0.8),
+    ));
 
-    // Latency: 64 B write round trip vs sockperf ping-pong, both full round trips,
-    // both busy-polling (sockperf --nonblocked).
-    for tcp in [false, true] {
+    // Latency: 64 B write round trip vs sockperf ping-pong over the same transport
+    // protocol, both full round trips, both busy-polling (sockperf --nonblocked).
+    for (scheme, tcp) in [("udp", false), ("tcp", true)] {
         let mut lat = Vec::new();
         for i in 0..a.pairs {
             units::progress(&format!(
-                "  latency pair {}/{} (sockperf {}) ...",
+                "  {scheme} latency pair {}/{} ...",
                 i + 1,
-                a.pairs,
-                if tcp { "tcp" } else { "udp" }
+                a.pairs
             ));
-            let (server, addr) = pfs_server()?;
+            let (server, addr) = pfs_server(scheme)?;
             let m = client_measure(&addr, Test::Latency, 64, 1, dur, warm, mode, false)?;
             drop(server);
             let ours = m.latency.as_ref().map_or(f64::NAN, |l| l.p50_us);
@@ -338,13 +358,10 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         }
         let proto = if tcp { "TCP" } else { "UDP" };
         report.comparisons.push(Comparison::new(
-            &format!("tcp 64 B write round trip vs sockperf ping-pong {proto} 64 B (median full RTT)"),
             &format!(
-                "pfs-bench client tcp://127.0.0.1:P --test latency --size 64 --duration {secs}s --cpu {} \
-                 (server: pfs-bench server --cpu {} --busy-poll)",
-                cpus(true),
-                cpus(false)
+                "{scheme} 64 B write round trip vs sockperf ping-pong {proto} 64 B (median full RTT)"
             ),
+            &ours(scheme, "--test latency --size 64"),
             &format!(
                 "{} (server: taskset -c {} sockperf server --nonblocked -i 127.0.0.1 -p P{})",
                 sockperf_command(0, secs, tcp).join(" ").replace("-p 0", "-p P"),

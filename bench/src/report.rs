@@ -267,6 +267,22 @@ impl Report {
                 thousands(m.zero_copy_sends_copied as f64)
             );
         }
+        for m in &self.results {
+            let t = &m.transport;
+            if t.retransmissions + t.drops + t.protocol_errors > 0 {
+                println!(
+                    "transport ({} {} {}, client side): {} datagrams sent, {} received, {} retransmitted, {} dropped, {} protocol errors",
+                    m.backend,
+                    m.test.name(),
+                    fmt_size(m.size),
+                    thousands(t.datagrams_sent as f64),
+                    thousands(t.datagrams_received as f64),
+                    thousands(t.retransmissions as f64),
+                    thousands(t.drops as f64),
+                    thousands(t.protocol_errors as f64),
+                );
+            }
+        }
     }
 
     pub fn print_comparisons(&self) {

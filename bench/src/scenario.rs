@@ -105,6 +105,31 @@ pub struct Measurement {
     /// (both 0 unless the client asked for zero-copy sends).
     pub zero_copy_sends: u64,
     pub zero_copy_sends_copied: u64,
+    /// The client endpoint's transport counters over the run, warm-up included.
+    pub transport: TransportCounters,
+}
+
+/// What the transport did besides moving payload: nonzero retransmissions or drops on
+/// loopback mean the run was limited by queues overflowing, not by the wire.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TransportCounters {
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub retransmissions: u64,
+    pub drops: u64,
+    pub protocol_errors: u64,
+}
+
+impl TransportCounters {
+    fn between(a: &pfs_transport::Stats, b: &pfs_transport::Stats) -> TransportCounters {
+        TransportCounters {
+            datagrams_sent: b.datagrams_sent - a.datagrams_sent,
+            datagrams_received: b.datagrams_received - a.datagrams_received,
+            retransmissions: b.retransmissions - a.retransmissions,
+            drops: b.drops - a.drops,
+            protocol_errors: b.protocol_errors - a.protocol_errors,
+        }
+    }
 }
 
 /// Reads the target's count of bytes copied in user space (`None` if unknown).
@@ -234,6 +259,7 @@ impl Client<'_> {
             mode: self.mode.clone(),
             zero_copy_sends: after.zero_copy_sends - before.zero_copy_sends,
             zero_copy_sends_copied: after.zero_copy_sends_copied - before.zero_copy_sends_copied,
+            transport: TransportCounters::between(&before, &after),
         })
     }
 
@@ -242,6 +268,7 @@ impl Client<'_> {
         let local = self
             .ep
             .alloc_region(span.max(p.size) as usize, Rights::ALL)?;
+        let before = self.ep.stats();
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .expect("valid histogram bounds");
         let start = Instant::now();
@@ -280,6 +307,7 @@ impl Client<'_> {
             mode: self.mode.clone(),
             zero_copy_sends: 0,
             zero_copy_sends_copied: 0,
+            transport: TransportCounters::between(&before, &self.ep.stats()),
         })
     }
 }

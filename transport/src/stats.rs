@@ -80,6 +80,9 @@ counters! {
     datagrams_sent,
     /// Datagrams received (datagram backends).
     datagrams_received,
+    /// Datagrams sent again after a loss was detected or a timer fired (datagram
+    /// backends).
+    retransmissions,
     /// Malformed or unexpected input from the network.
     protocol_errors,
     /// Errors of any kind (local and remote, including protocol errors).

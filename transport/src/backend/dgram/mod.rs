@@ -680,7 +680,7 @@ impl World {
                 c.ops.send_hello(&self.core, &mut c.proto);
             }
             c.ops.pump(&mut c.proto);
-            let copied = c.proto.stats.bytes_copied;
+            let (copied, resent) = (c.proto.stats.bytes_copied, c.proto.stats.retransmits);
             loop {
                 if let Some(mut g) = driver.take_gather() {
                     if !c.proto.poll_transmit(now, &mut g) {
@@ -699,10 +699,16 @@ impl World {
                 n += 1;
             }
             let copied = c.proto.stats.bytes_copied - copied;
-            if copied > 0
-                && let Some(s) = &c.ops.shared
-            {
-                s.count(C::bytes_copied_in_user_space, copied);
+            let resent = c.proto.stats.retransmits - resent;
+            if let Some(s) = &c.ops.shared {
+                if copied > 0 {
+                    s.count(C::bytes_copied_in_user_space, copied);
+                }
+                if resent > 0 {
+                    s.count(C::retransmissions, resent);
+                }
+            } else if resent > 0 {
+                self.core.counters.add(C::retransmissions, resent);
             }
         }
         if n > 0 {
