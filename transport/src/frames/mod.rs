@@ -53,6 +53,10 @@ pub(crate) trait Driver: Send {
     /// Tell the driver when the caller next needs to run (the simulated world uses it
     /// to decide how far virtual time may jump; real drivers ignore it).
     fn next_timer(&mut self, _at: Option<Instant>) {}
+    /// Whether [`next_timer`](Driver::next_timer) is worth calling.
+    fn wants_timer(&self) -> bool {
+        false
+    }
     /// A handle that interrupts [`wait`](Driver::wait).
     fn waker(&self) -> Arc<dyn Wake>;
     /// Random bits for connection ids and first packet numbers (seeded in simulation).

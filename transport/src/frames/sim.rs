@@ -442,6 +442,10 @@ impl super::Driver for SimDriver {
         // Virtual time moves only in `SimNet::advance`, called by the test's world loop.
     }
 
+    fn wants_timer(&self) -> bool {
+        true
+    }
+
     fn next_timer(&mut self, at: Option<Instant>) {
         let mut n = self.net.lock();
         if let Some((_, t)) = n.timers.iter_mut().find(|(a, _)| *a == self.addr) {

@@ -841,9 +841,37 @@ impl Conn {
     /// there is nothing to send now.
     pub(crate) fn poll_transmit(&mut self, now: Instant, out: &mut impl Out) -> bool {
         out.clear();
+        let expected = self.wants_transmit(now);
         let sent = self.transmit(now, out);
+        debug_assert!(expected || !sent, "wants_transmit missed a datagram");
         out.finish();
         sent
+    }
+
+    /// Whether [`poll_transmit`](Conn::poll_transmit) may produce a datagram now: a
+    /// cheap check that lets an idle poll skip preparing an output buffer. Never false
+    /// when there is something to send (it may be true when there turns out to be
+    /// nothing).
+    pub(crate) fn wants_transmit(&self, now: Instant) -> bool {
+        if self.reset_pending.is_some() {
+            return true;
+        }
+        if self.is_closed() {
+            return false;
+        }
+        if self.state == State::Connecting {
+            return self.handshake_at.is_some_and(|t| now >= t);
+        }
+        let room = self.inflight < self.cc.window();
+        self.send_init_ack
+            || (room && !self.retx.is_empty())
+            || (room
+                && !self.queue.is_empty()
+                && seq_lt(self.next_seq, self.peer_cum.wrapping_add(self.peer_window)))
+            || self.ack_now
+            || self
+                .ack_first
+                .is_some_and(|f| now >= f + self.cfg.max_ack_delay)
     }
 
     fn transmit(&mut self, now: Instant, out: &mut impl Out) -> bool {

@@ -396,13 +396,17 @@ impl Datagram {
                 .sum::<usize>()
     }
 
+    fn piece(&self, p: &Part) -> (*const u8, usize) {
+        match p {
+            Part::Head(r) => (self.head[r.clone()].as_ptr(), r.len()),
+            Part::Shared(b, r) => (b[r.clone()].as_ptr(), r.len()),
+            Part::Region(s) => (s.as_ptr().cast_const(), s.len()),
+        }
+    }
+
     fn iovecs(&self, out: &mut Vec<libc::iovec>) {
         for p in &self.parts {
-            let (ptr, len) = match p {
-                Part::Head(r) => (self.head[r.clone()].as_ptr(), r.len()),
-                Part::Shared(b, r) => (b[r.clone()].as_ptr(), r.len()),
-                Part::Region(s) => (s.as_ptr().cast_const(), s.len()),
-            };
+            let (ptr, len) = self.piece(p);
             out.push(libc::iovec {
                 iov_base: ptr.cast_mut().cast(),
                 iov_len: len,
@@ -414,6 +418,11 @@ impl Datagram {
 /// Send each `(to, datagram)` with gathered iovecs, one `sendmmsg` per [`MMSG_BATCH`];
 /// returns how many went out.
 pub(crate) fn sendmmsg_gather(fd: RawFd, msgs: &[(SocketAddr, Datagram)]) -> io::Result<usize> {
+    if let [(to, d)] = msgs
+        && d.parts.len() <= SMALL_IOV
+    {
+        return send_one_gathered(fd, to, d);
+    }
     let mut sent = 0;
     for chunk in msgs.chunks(MMSG_BATCH) {
         let mut addrs: Vec<RawAddr> = chunk
@@ -458,6 +467,40 @@ pub(crate) fn sendmmsg_gather(fd: RawFd, msgs: &[(SocketAddr, Datagram)]) -> io:
         }
     }
     Ok(sent)
+}
+
+/// Pieces a single datagram may have to take the allocation-free path.
+const SMALL_IOV: usize = 8;
+
+/// One datagram, one `sendmsg`, nothing allocated: the latency-bound case (a request or
+/// an answer alone in its flush).
+fn send_one_gathered(fd: RawFd, to: &SocketAddr, d: &Datagram) -> io::Result<usize> {
+    let mut addr = RawAddr::from_socket_addr(to);
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; SMALL_IOV];
+    for (slot, p) in iov.iter_mut().zip(&d.parts) {
+        let (ptr, len) = d.piece(p);
+        *slot = libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: len,
+        };
+    }
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = addr.as_mut_ptr().cast();
+    h.msg_namelen = addr.len();
+    h.msg_iov = iov.as_mut_ptr();
+    h.msg_iovlen = d.parts.len();
+    // SAFETY: as in `sendmmsg_gather`: the iovecs point into buffers `d` owns or keeps
+    // alive, and the address and iovec array outlive the call; the kernel only reads.
+    let r = unsafe { libc::sendmsg(fd, &h, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(1)
+    }
 }
 
 /// One datagram without blocking (`recvfrom(MSG_DONTWAIT)`): its length (or

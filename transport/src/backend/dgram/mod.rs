@@ -282,11 +282,19 @@ impl DgramEngine {
             w.rand.push(driver.random_u32());
         }
         work += driver.recv(&mut |from, d| w.on_datagram(now, from, d));
-        w.tick(now);
+        // Answers leave before timers run: the exchange in flight is what waits.
         work += w.transmit(now, &mut **driver, buf);
         driver.flush();
+        w.tick(now);
+        let fired = w.transmit(now, &mut **driver, buf);
+        if fired > 0 {
+            driver.flush();
+            work += fired;
+        }
         w.remove_closed();
-        driver.next_timer(w.next_timer());
+        if driver.wants_timer() {
+            driver.next_timer(w.next_timer());
+        }
         work
     }
 
@@ -681,7 +689,7 @@ impl World {
             }
             c.ops.pump(&mut c.proto);
             let (copied, resent) = (c.proto.stats.bytes_copied, c.proto.stats.retransmits);
-            loop {
+            while c.proto.wants_transmit(now) {
                 if let Some(mut g) = driver.take_gather() {
                     if !c.proto.poll_transmit(now, &mut g) {
                         driver.return_gather(g);
