@@ -239,9 +239,12 @@ struct RecvWindow {
 
 impl RecvWindow {
     fn new(first: u32, window: u32) -> RecvWindow {
+        // A power of two, so that slot indices stay contiguous across packet-number
+        // wraparound.
+        let w = window.clamp(2, MAX_WINDOW).next_power_of_two();
         RecvWindow {
             base: first,
-            slots: vec![false; window as usize],
+            slots: vec![false; w as usize],
             highest: first.wrapping_sub(1),
         }
     }
