@@ -46,10 +46,10 @@ impl BackendKind {
             BackendKind::Tcp => None,
             BackendKind::Udp => None,
             BackendKind::Xdp => {
-                Some("the xdp backend (AF_XDP) is not part of this release yet; use tcp://".into())
+                Some("the xdp backend (AF_XDP) is not part of this release yet; use udp:// or tcp://".into())
             }
             BackendKind::Rdma => {
-                Some("the rdma backend (verbs) is not part of this release yet; use tcp://".into())
+                Some("the rdma backend (verbs) is not part of this release yet; use udp:// or tcp://".into())
             }
         }
     }
