@@ -45,12 +45,14 @@ impl BackendKind {
         match self {
             BackendKind::Tcp => None,
             BackendKind::Udp => None,
-            BackendKind::Xdp => {
-                Some("the xdp backend (AF_XDP) is not part of this release yet; use udp:// or tcp://".into())
-            }
-            BackendKind::Rdma => {
-                Some("the rdma backend (verbs) is not part of this release yet; use udp:// or tcp://".into())
-            }
+            BackendKind::Xdp => Some(
+                "the xdp backend (AF_XDP) is not part of this release yet; use udp:// or tcp://"
+                    .into(),
+            ),
+            BackendKind::Rdma => Some(
+                "the rdma backend (verbs) is not part of this release yet; use udp:// or tcp://"
+                    .into(),
+            ),
         }
     }
 }
