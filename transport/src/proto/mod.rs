@@ -693,6 +693,11 @@ impl Conn {
         while self.sent.front().is_some_and(|s| s.acked) {
             self.sent.pop_front();
         }
+        if self.sent.is_empty() {
+            // Everything presumed lost was acknowledged after all (a spurious timeout:
+            // the ACKs were late, not lost); nothing is left to resend.
+            self.retx.clear();
+        }
         self.rto_at = self
             .sent
             .iter()
@@ -812,6 +817,15 @@ impl Conn {
         self.rto_backoff = (self.rto_backoff + 1).min(16);
         let rto = (self.rtt.rto() * (1u32 << self.rto_backoff.min(10))).min(self.rtt.max_rto());
         self.rto_at = Some(now + rto);
+        tracing::debug!(
+            conn = self.local_id,
+            backoff = self.rto_backoff,
+            ?rto,
+            srtt = ?self.rtt.srtt(),
+            resend = self.retx.len(),
+            cwnd = self.cc.window(),
+            "retransmission timeout"
+        );
     }
 
     // ---- sending ----
@@ -909,6 +923,8 @@ impl Conn {
             && let Some(seq) = self.retx.pop_front()
         {
             let Some(front) = self.sent.front().map(|s| s.seq) else {
+                // Nothing outstanding: every entry left is stale.
+                self.retx.clear();
                 break;
             };
             let idx = seq.wrapping_sub(front) as usize;

@@ -438,3 +438,49 @@ proptest::proptest! {
         while c.poll_transmit(now, &mut out) {}
     }
 }
+
+#[test]
+fn late_acks_after_a_timeout_leave_nothing_to_resend() {
+    // The receiver stalls for longer than the retransmission timeout (a descheduled
+    // thread): its ACKs arrive after the sender presumed everything lost. Once they do,
+    // new data must leave at once, not wait behind the stale resend queue.
+    let mut net = Net::new(LinkConfig::default(), cfg(), 5, 7);
+    assert!(net.run_until(Duration::from_secs(5), |n| n.a.state()
+        == &State::Established));
+    net.queue_all(20, 1000);
+    let now = net.now();
+    let mut data = Vec::new();
+    while net.a.poll_transmit(now, &mut net.buf) {
+        data.push(net.buf.clone());
+    }
+    assert_eq!(data.len(), 20);
+    let b = net.b.as_mut().expect("server side");
+    for d in &data {
+        b.handle(now, &Packet::decode(d).unwrap(), d, &mut net.b_sink);
+    }
+    let mut acks = Vec::new();
+    while b.poll_transmit(now, &mut net.buf) {
+        acks.push(net.buf.clone());
+    }
+    assert!(!acks.is_empty());
+    // The ACKs are late: the timeout fires first and everything goes to the resend queue.
+    let rto = net.a.rto_at.expect("a retransmission timer runs");
+    net.link.advance_to(rto);
+    let later = net.now();
+    net.a.handle_timeout(later);
+    assert_eq!(net.a.retx.len(), 20);
+    for d in &acks {
+        net.a
+            .handle(later, &Packet::decode(d).unwrap(), d, &mut net.a_sink);
+    }
+    assert!(net.a.retx.is_empty(), "acknowledged packets are not resent");
+    net.a.queue(msg(20, 1000));
+    let mut sent = 0;
+    while net.a.poll_transmit(later, &mut net.buf) {
+        if Packet::decode(&net.buf).unwrap().kind == Kind::Data {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 1, "the new message leaves in the same poll");
+    assert_eq!(net.a.stats.retransmits, 0);
+}
