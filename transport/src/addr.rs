@@ -45,8 +45,10 @@ impl BackendKind {
         match self {
             BackendKind::Tcp => None,
             BackendKind::Udp => None,
+            BackendKind::Xdp if cfg!(feature = "xdp") => None,
             BackendKind::Xdp => Some(
-                "the xdp backend (AF_XDP) is not part of this release yet; use udp:// or tcp://"
+                "this build has no xdp backend: build pfs-transport with `--features xdp` \
+                 (needs clang and libelf-dev; `cargo xtask deps` installs them), or use udp://"
                     .into(),
             ),
             BackendKind::Rdma => Some(
@@ -262,6 +264,15 @@ pub fn select(addr: &Address) -> Selection {
     }
     let mut refused = Vec::new();
     for k in BackendKind::ALL {
+        if k == BackendKind::Xdp {
+            refused.push((
+                k,
+                "auto never attaches an XDP program to an interface on its own: name one, \
+                 xdp://IFACE/HOST:PORT"
+                    .to_string(),
+            ));
+            continue;
+        }
         if k == BackendKind::Udp {
             refused.push((
                 k,

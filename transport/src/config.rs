@@ -84,6 +84,11 @@ pub struct EndpointConfig {
     /// minus the IP and UDP headers. 1500 by default; 9000 for jumbo frames; up to 65535
     /// on loopback.
     pub mtu: usize,
+    /// Fault injection for loss tests on the `xdp` backend: the XDP program drops this
+    /// many per million of the packets it steers to the endpoint's interface (0, the
+    /// default, drops nothing). Applies to everything the interface receives for
+    /// PacketFS, whichever endpoint set it.
+    pub fault_drop_per_million: u32,
 }
 
 impl Default for EndpointConfig {
@@ -105,6 +110,7 @@ impl Default for EndpointConfig {
             socket_buffer: 0,
             zero_copy_send: None,
             mtu: 1500,
+            fault_drop_per_million: 0,
         }
     }
 }
@@ -160,6 +166,12 @@ impl EndpointConfig {
     /// Set the link MTU of the datagram backends.
     pub fn mtu(mut self, mtu: usize) -> Self {
         self.mtu = mtu;
+        self
+    }
+
+    /// Drop `n` per million of the packets the XDP program steers (see the field).
+    pub fn fault_drop_per_million(mut self, n: u32) -> Self {
+        self.fault_drop_per_million = n;
         self
     }
 

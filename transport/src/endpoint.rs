@@ -248,6 +248,48 @@ impl EndpointInner {
             Box::new(driver),
             listening,
             max,
+            None,
+        );
+        let e = eng.clone();
+        self.add_engine(eng.clone(), Box::new(move |dedicated| e.start(dedicated)))?;
+        Ok(eng)
+    }
+
+    #[cfg(feature = "xdp")]
+    fn add_xdp(
+        &self,
+        iface: &str,
+        bind: std::net::SocketAddr,
+        listening: bool,
+    ) -> Result<Arc<dyn Engine>> {
+        let cfg = &self.core.config;
+        let driver = crate::frames::xdp::XdpDriver::bind(
+            iface,
+            bind,
+            cfg.wait == crate::config::WaitMode::BusyPoll,
+            cfg.mtu,
+        )
+        .map_err(|e| Error::Io {
+            call: "AF_XDP setup",
+            source: std::io::Error::new(e.kind(), format!("xdp://{iface}/{bind}: {e}")),
+        })?;
+        if cfg.fault_drop_per_million > 0 {
+            driver
+                .set_drop_per_million(cfg.fault_drop_per_million)
+                .map_err(|e| Error::Io {
+                    call: "bpf_map_update_elem",
+                    source: e,
+                })?;
+        }
+        let max = driver.max_datagram();
+        tracing::debug!("{}", crate::frames::Driver::describe(&driver));
+        let eng = DgramEngine::new(
+            self.core.clone(),
+            BackendKind::Xdp,
+            Box::new(driver),
+            listening,
+            max,
+            Some(iface.to_string()),
         );
         let e = eng.clone();
         self.add_engine(eng.clone(), Box::new(move |dedicated| e.start(dedicated)))?;
@@ -273,6 +315,17 @@ impl EndpointInner {
                 };
                 self.add_udp(any, false)
             }
+            #[cfg(feature = "xdp")]
+            BackendKind::Xdp => match peer {
+                Address::Xdp { iface, .. } if !iface.is_empty() => self.add_xdp(
+                    iface,
+                    std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+                    false,
+                ),
+                _ => Err(Error::InvalidArgument(
+                    "xdp addresses name the local interface: xdp://IFACE/HOST:PORT".into(),
+                )),
+            },
             other => Err(Error::Unsupported {
                 reason: format!("no {other} engine in this endpoint"),
             }),
@@ -365,17 +418,26 @@ impl Endpoint {
     pub fn bind(config: EndpointConfig) -> Result<Endpoint> {
         let mut tcp_listen = Vec::new();
         let mut udp_listen = Vec::new();
+        let mut xdp_listen = Vec::new();
         for a in &config.listen {
             let sel = crate::addr::select(a);
-            match sel.chosen {
-                Some(BackendKind::Tcp) => tcp_listen.push(a.socket_addr()),
-                Some(BackendKind::Udp) => udp_listen.push(a.socket_addr()),
+            match (sel.chosen, a) {
+                (Some(BackendKind::Tcp), _) => tcp_listen.push(a.socket_addr()),
+                (Some(BackendKind::Udp), _) => udp_listen.push(a.socket_addr()),
+                (Some(BackendKind::Xdp), Address::Xdp { iface, addr }) => {
+                    xdp_listen.push((iface.clone(), *addr))
+                }
                 _ => {
                     return Err(Error::Unsupported {
                         reason: format!("cannot listen on {a}: {sel}"),
                     });
                 }
             }
+        }
+        if xdp_listen.len() > 1 {
+            return Err(Error::InvalidArgument(
+                "one xdp:// listen address per endpoint (its sockets own the interface)".into(),
+            ));
         }
         if udp_listen.len() > 1 {
             return Err(Error::InvalidArgument(
@@ -389,6 +451,12 @@ impl Endpoint {
         if let Some(a) = udp_listen.first() {
             ep.inner.add_udp(*a, true)?;
         }
+        #[cfg(feature = "xdp")]
+        if let Some((iface, a)) = xdp_listen.first() {
+            ep.inner.add_xdp(iface, *a, true)?;
+        }
+        #[cfg(not(feature = "xdp"))]
+        let _ = xdp_listen;
         tracing::debug!(endpoint = %format_args!("{:016x}", ep.id()), "endpoint up");
         Ok(ep)
     }
@@ -409,6 +477,7 @@ impl Endpoint {
             Box::new(net.driver(addr)),
             true,
             max,
+            None,
         );
         let e = eng.clone();
         ep.inner

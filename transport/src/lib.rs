@@ -102,6 +102,8 @@ mod stats;
 #[allow(unsafe_code)]
 mod sys;
 pub mod wire;
+#[cfg(feature = "xdp")]
+mod xdp;
 
 pub use addr::{Address, BackendKind, Selection, select};
 pub use config::{EndpointConfig, Progress, WaitMode};

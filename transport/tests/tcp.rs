@@ -38,6 +38,9 @@ fn tcp(mode: Mode) -> Fixture {
         large: large(),
         raw_garbage,
         tweak: |c| c,
+        enter: conformance::stay,
+        dial: conformance::same_address,
+        serial: false,
     }
 }
 

@@ -44,6 +44,9 @@ fn udp(mode: Mode) -> Fixture {
         large: large(),
         raw_garbage,
         tweak: |c| c,
+        enter: conformance::stay,
+        dial: conformance::same_address,
+        serial: false,
     }
 }
 

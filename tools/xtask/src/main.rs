@@ -8,6 +8,7 @@
 //! * `cargo xtask deps` — install what the two commands need (idempotent).
 //! * `cargo xtask licenses` — check every dependency's licence against the allowed list.
 
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -101,21 +102,43 @@ fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Debian packages by the tool that proves they are installed.
+/// Debian packages, each with what proves it is installed: a tool on PATH, or a file.
 const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("sockperf", "sockperf"),
     ("taskset", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("ethtool", "ethtool"),
+    ("tcpdump", "tcpdump"),
+    // The xdp feature: clang builds the XDP program, and libxdp is built from source.
+    ("clang", "clang"),
+    ("llc", "llvm"),
+    ("m4", "m4"),
+    ("pkg-config", "pkg-config"),
+    ("/usr/include/libelf.h", "libelf-dev"),
+    ("/usr/include/zlib.h", "zlib1g-dev"),
+    ("/usr/include/pcap/pcap.h", "libpcap-dev"),
 ];
 
+fn installed(probe: &str) -> bool {
+    if probe.starts_with('/') {
+        Path::new(probe).exists()
+    } else {
+        have(probe)
+    }
+}
+
 fn deps() -> R {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(tool, _)| !have(tool))
+        .filter(|(probe, _)| !installed(probe))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        println!("deps: iperf3, sockperf and taskset are installed");
+        println!("deps: every package the build, tests and benchmarks use is installed");
         return Ok(());
     }
     if !is_root() {

@@ -5,6 +5,8 @@
 #[cfg(test)]
 pub(crate) mod sim;
 pub(crate) mod udp;
+#[cfg(feature = "xdp")]
+pub(crate) mod xdp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +58,11 @@ pub(crate) trait Driver: Send {
     /// Whether [`next_timer`](Driver::next_timer) is worth calling.
     fn wants_timer(&self) -> bool {
         false
+    }
+    /// Frames the driver threw away since the last call: (received frames that were not
+    /// valid datagrams for us, datagrams it could not send).
+    fn take_drops(&mut self) -> (u64, u64) {
+        (0, 0)
     }
     /// A handle that interrupts [`wait`](Driver::wait).
     fn waker(&self) -> Arc<dyn Wake>;

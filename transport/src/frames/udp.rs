@@ -26,9 +26,10 @@ const ARMED: usize = 64;
 /// A datagram at least this large means a bulk transfer: receive the rest in a batch.
 const BULK_HINT: usize = 8192;
 
-struct EvWake {
-    fd: EventFd,
-    sleeping: AtomicBool,
+/// Wakes a driver sleeping on an eventfd, only when it sleeps.
+pub(crate) struct EvWake {
+    pub(crate) fd: EventFd,
+    pub(crate) sleeping: AtomicBool,
 }
 
 impl Wake for EvWake {

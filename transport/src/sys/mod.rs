@@ -1,8 +1,12 @@
 //! Kernel ABIs. Every `unsafe` block of the crate lives under this module.
 
+#[cfg(feature = "xdp")]
+pub(crate) mod ifc;
 pub(crate) mod mem;
 pub(crate) mod net;
 pub(crate) mod uring;
+#[cfg(feature = "xdp")]
+pub(crate) mod xsk;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,6 +29,15 @@ impl EventFd {
 
     pub(crate) fn raw(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+
+    /// Reset the counter after a wake-up (poll-based waiting).
+    #[cfg(feature = "xdp")]
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our own non-blocking
+        // descriptor; EAGAIN (nothing pending) is fine to ignore.
+        let _ = unsafe { libc::read(self.raw(), (&mut v as *mut u64).cast(), 8) };
     }
 
     /// Add 1 to the counter, waking a reader.
@@ -181,4 +194,28 @@ pub(crate) fn poll_now(fds: &mut [libc::pollfd]) -> io::Result<usize> {
     } else {
         Ok(r as usize)
     }
+}
+
+/// Wait up to `timeout` for one of `fds` to be ready (`poll(2)`).
+#[cfg(feature = "xdp")]
+pub(crate) fn poll_wait(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd entries.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        Err(e)
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Whether the process runs as root (privileged tests probe this and skip loudly).
+#[cfg(feature = "xdp")]
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -43,7 +43,53 @@ pub struct Fixture {
     pub raw_garbage: fn(&pfs_transport::Address, &[u8]) -> Option<Vec<u8>>,
     /// Extra settings for both sides (e.g. zero-copy sends).
     pub tweak: fn(EndpointConfig) -> EndpointConfig,
+    /// Called on the test thread before a server or client endpoint is created, so it
+    /// can enter that side's network namespace (two-host tests).
+    pub enter: fn(Side),
+    /// The address a client connects to for a server address: the first client of a
+    /// test (`0`), or another one at the same time (`1`; AF_XDP allows one xdp endpoint
+    /// per interface per process, so those come over udp).
+    pub dial: fn(&pfs_transport::Address, usize) -> String,
+    /// Tests of this fixture share something (an interface) and run one at a time.
+    pub serial: bool,
 }
+
+/// A fixture for the length of one test, holding the lock of serial fixtures.
+pub struct Held {
+    f: Fixture,
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Fixture;
+    fn deref(&self) -> &Fixture {
+        &self.f
+    }
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn hold(f: Fixture) -> Held {
+    let g = f
+        .serial
+        .then(|| SERIAL.lock().unwrap_or_else(|e| e.into_inner()));
+    Held { f, _serial: g }
+}
+
+/// Which host a two-host test is about to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+/// `dial` for single-host backends: the server's own address.
+pub fn same_address(a: &pfs_transport::Address, _: usize) -> String {
+    a.to_string()
+}
+
+/// `enter` for single-host backends.
+pub fn stay(_: Side) {}
 
 /// A connected pair of endpoints.
 pub struct Pair {
@@ -90,15 +136,28 @@ impl Fixture {
 
     pub fn server(&self) -> Endpoint {
         init_tracing();
+        (self.enter)(Side::Server);
         Endpoint::bind(self.server_config()).expect("server bind")
     }
 
     pub fn client(&self) -> Endpoint {
+        (self.enter)(Side::Client);
         Endpoint::bind(self.client_config()).expect("client bind")
     }
 
     pub fn connect(&self, server: &Endpoint, client: &Endpoint) -> (Connection, Connection) {
-        let addr = server.local_addrs()[0].to_string();
+        self.connect_nth(server, client, 0)
+    }
+
+    /// Connect the `nth` client endpoint alive at the same time (see [`Fixture::dial`]).
+    pub fn connect_nth(
+        &self,
+        server: &Endpoint,
+        client: &Endpoint,
+        nth: usize,
+    ) -> (Connection, Connection) {
+        (self.enter)(Side::Client);
+        let addr = (self.dial)(&server.local_addrs()[0], nth);
         let conn = client.connect(&addr).expect("connect");
         let peer = server
             .accept_timeout(Duration::from_secs(10))
@@ -116,7 +175,9 @@ impl Fixture {
     /// A pair whose configurations pass through `f` first.
     pub fn pair_with(&self, f: impl Fn(EndpointConfig) -> EndpointConfig) -> Pair {
         init_tracing();
+        (self.enter)(Side::Server);
         let server = Endpoint::bind(f(self.server_config())).expect("server bind");
+        (self.enter)(Side::Client);
         let client = Endpoint::bind(f(self.client_config())).expect("client bind");
         let (conn, peer) = self.connect(&server, &client);
         Pair {
@@ -392,7 +453,7 @@ pub fn bad_accesses_are_refused(f: &Fixture) {
     }
 
     // A key of another endpoint is refused locally.
-    let other = f.server();
+    let other = Endpoint::bind(EndpointConfig::new()).unwrap();
     let foreign = other
         .alloc_region(64, Rights::ALL)
         .unwrap()
@@ -420,7 +481,7 @@ pub fn concurrent_fetch_add_sums_exactly(f: &Fixture) {
         .map(|i| {
             let key = key.clone();
             let client = f.client();
-            let (conn, _peer) = f.connect(&server, &client);
+            let (conn, _peer) = f.connect_nth(&server, &client, i as usize);
             std::thread::spawn(move || {
                 let mut olds = Vec::new();
                 // Some in flight at once, some one by one.
@@ -461,7 +522,7 @@ pub fn many_connections_at_once(f: &Fixture) {
         .map(|i| {
             let key = key.clone();
             let client = f.client();
-            let (conn, peer) = f.connect(&server, &client);
+            let (conn, peer) = f.connect_nth(&server, &client, i);
             std::thread::spawn(move || {
                 let local = client.alloc_region(stripe, Rights::ALL).unwrap();
                 let back = client.alloc_region(stripe, Rights::ALL).unwrap();
@@ -503,7 +564,7 @@ pub fn cas_lock_excludes(f: &Fixture) {
         .map(|i| {
             let key = key.clone();
             let client = f.client();
-            let (conn, peer) = f.connect(&server, &client);
+            let (conn, peer) = f.connect_nth(&server, &client, i as usize);
             std::thread::spawn(move || {
                 let buf = client.alloc_region(8, Rights::ALL).unwrap();
                 let me = i + 1;
@@ -680,7 +741,9 @@ pub fn many_in_flight_and_backpressure(f: &Fixture) {
     let mut scfg = f.server_config();
     scfg.max_incoming = 1;
     init_tracing();
+    (f.enter)(Side::Server);
     let server = Endpoint::bind(scfg).unwrap();
+    (f.enter)(Side::Client);
     let client = Endpoint::bind(f.client_config().max_ops_in_flight(64)).unwrap();
     let (conn, peer) = f.connect(&server, &client);
     let target = server.alloc_region(1 << 20, Rights::ALL).unwrap();
@@ -925,7 +988,8 @@ pub fn peer_killed_fails_pending_ops(f: &Fixture, helper_test: &str) {
     init_tracing();
     let (mut child, addr, key) = spawn_server_process(f, helper_test);
     let client = f.client();
-    let conn = client.connect(&addr).unwrap();
+    let addr: pfs_transport::Address = addr.parse().unwrap();
+    let conn = client.connect(&(f.dial)(&addr, 0)).unwrap();
     let src = client.alloc_region(64 << 20, Rights::ALL).unwrap();
     // A transfer in progress: many large writes in flight.
     let mut ops = Vec::new();
@@ -991,8 +1055,8 @@ macro_rules! conformance_suite {
     ($modname:ident, $fixture:expr) => {
         mod $modname {
             use super::conformance as c;
-            fn fx() -> c::Fixture {
-                $fixture
+            fn fx() -> c::Held {
+                c::hold($fixture)
             }
             #[test]
             fn write_read_at_offsets() {

@@ -118,6 +118,8 @@ pub(crate) struct DgramEngine {
     waker: Arc<dyn Wake>,
     local: SocketAddr,
     listening: bool,
+    /// The interface an xdp engine is bound to.
+    iface: Option<String>,
     pcfg: proto::Config,
     dead: Mutex<Option<String>>,
     is_dead: AtomicBool,
@@ -154,6 +156,7 @@ impl DgramEngine {
         driver: Box<dyn Driver>,
         listening: bool,
         max_datagram: usize,
+        iface: Option<String>,
     ) -> Arc<DgramEngine> {
         let local = driver.local_addr();
         let waker = driver.waker();
@@ -170,6 +173,7 @@ impl DgramEngine {
             waker,
             local,
             listening,
+            iface,
             pcfg,
             dead: Mutex::new(None),
             is_dead: AtomicBool::new(false),
@@ -282,6 +286,11 @@ impl DgramEngine {
             w.rand.push(driver.random_u32());
         }
         work += driver.recv(&mut |from, d| w.on_datagram(now, from, d));
+        let (bad, unsent) = driver.take_drops();
+        if bad + unsent > 0 {
+            w.core.counters.add(C::drops, bad + unsent);
+            w.core.counters.add(C::protocol_errors, bad);
+        }
         // Answers leave before timers run: the exchange in flight is what waits.
         work += w.transmit(now, &mut **driver, buf);
         driver.flush();
@@ -409,9 +418,13 @@ impl Engine for DgramEngine {
         if !self.listening {
             return Vec::new();
         }
-        vec![match self.kind {
-            BackendKind::Udp => Address::Udp(self.local),
-            other => Address::Udp(self.local).with_backend(other),
+        vec![match (self.kind, &self.iface) {
+            (BackendKind::Xdp, Some(iface)) => Address::Xdp {
+                iface: iface.clone(),
+                addr: self.local,
+            },
+            (BackendKind::Udp, _) => Address::Udp(self.local),
+            (other, _) => Address::Udp(self.local).with_backend(other),
         }]
     }
 

@@ -1,0 +1,316 @@
+//! One AF_XDP socket with its own UMEM (xsk-rs over libxdp), behind a safe interface.
+//!
+//! Every UMEM frame is owned by exactly one party at a time, and this type keeps the
+//! books: the free list (ours, for transmit), the fill ring and the receive path
+//! (kernel's until it comes back on the RX ring), the TX ring (kernel's until it comes
+//! back on the completion ring). A frame is only read or written while it is ours,
+//! which is the condition every `unsafe` call below relies on.
+
+use std::io;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// Frames per socket; half are posted for receive, half kept for transmit.
+const FRAMES: u32 = 4096;
+/// Descriptors per ring.
+const RING: u32 = 2048;
+/// Bytes per frame (one page). Frames carry at most `FRAME - XDP headroom` bytes.
+pub(crate) const FRAME: u32 = 4096;
+
+/// How a socket ended up bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BindMode {
+    /// Frames DMA'd straight into the UMEM.
+    ZeroCopy,
+    /// The kernel copies each frame between its buffers and the UMEM; the reason the
+    /// zero-copy bind was refused.
+    Copy(String),
+}
+
+/// An AF_XDP socket bound to one queue of one interface.
+pub(crate) struct Xsk {
+    umem: Umem,
+    tx: TxQueue,
+    rx: RxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    /// Frames that are ours and free.
+    free: Vec<FrameDesc>,
+    /// Frames holding a datagram built but not yet on the TX ring.
+    pending: Vec<FrameDesc>,
+    /// Scratch for ring transfers.
+    scratch: Vec<FrameDesc>,
+    /// Frames on the TX ring, not yet completed.
+    tx_out: usize,
+    /// Usable bytes per frame.
+    capacity: usize,
+    pub(crate) mode: BindMode,
+}
+
+impl std::fmt::Debug for Xsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Xsk")
+            .field("mode", &self.mode)
+            .field("free", &self.free.len())
+            .finish()
+    }
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+fn os_code(e: &impl std::error::Error) -> Option<i32> {
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        src = s.source();
+    }
+    None
+}
+
+impl Xsk {
+    /// Create a UMEM and bind a socket on `iface` queue `queue`: zero-copy first, then
+    /// copy mode. libxdp loads no program of its own: the caller inserts the socket into
+    /// its XSKMAP.
+    pub(crate) fn open(iface: &str, queue: u32, need_wakeup: bool) -> io::Result<Xsk> {
+        let name: Interface = iface
+            .parse()
+            .map_err(|e| io_err("interface name", format!("{e:?}")))?;
+        let ring = QueueSize::new(RING).map_err(|e| io_err("ring size", e))?;
+        let ucfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME).map_err(|e| io_err("frame size", e))?)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| io_err("UMEM config", e))?;
+        let capacity = ucfg.mtu() as usize;
+        let frames = NonZeroU32::new(FRAMES).expect("non-zero");
+        let wake = if need_wakeup {
+            BindFlags::XDP_USE_NEED_WAKEUP
+        } else {
+            BindFlags::empty()
+        };
+        let mut zc_refused = String::new();
+        for zero_copy in [true, false] {
+            let flags = if zero_copy {
+                BindFlags::XDP_ZEROCOPY
+            } else {
+                BindFlags::XDP_COPY
+            };
+            let (umem, descs) = Umem::new(ucfg, frames, false).map_err(|e| {
+                let code = os_code(&e);
+                let hint = match code {
+                    Some(libc::ENOMEM) | Some(libc::EPERM) => {
+                        " (locked memory: raise `ulimit -l`, or run as root)"
+                    }
+                    _ => "",
+                };
+                io::Error::new(
+                    code.map(io::Error::from_raw_os_error)
+                        .map(|e| e.kind())
+                        .unwrap_or(io::ErrorKind::Other),
+                    format!("creating a {} MiB UMEM: {e}{hint}", (FRAMES * FRAME) >> 20),
+                )
+            })?;
+            let scfg = SocketConfig::builder()
+                .rx_queue_size(ring)
+                .tx_queue_size(ring)
+                .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+                .bind_flags(flags | wake)
+                .build();
+            // SAFETY: the UMEM is fresh and not shared with any other socket, so the
+            // shared-UMEM precondition of `Socket::new` does not apply; the program
+            // load is inhibited in any case.
+            let made = unsafe { Socket::new(scfg, &umem, &name, queue) };
+            match made {
+                Ok((tx, rx, Some((fq, cq)))) => {
+                    let mode = if zero_copy {
+                        BindMode::ZeroCopy
+                    } else {
+                        BindMode::Copy(zc_refused)
+                    };
+                    let mut x = Xsk {
+                        umem,
+                        tx,
+                        rx,
+                        fq,
+                        cq,
+                        free: descs,
+                        pending: Vec::new(),
+                        scratch: Vec::new(),
+                        tx_out: 0,
+                        capacity,
+                        mode,
+                    };
+                    x.post_receives((FRAMES / 2) as usize);
+                    return Ok(x);
+                }
+                Ok(_) => {
+                    return Err(io_err(
+                        "AF_XDP bind",
+                        "no fill/completion rings for a fresh UMEM",
+                    ));
+                }
+                Err(e) => {
+                    let code = os_code(&e);
+                    if zero_copy {
+                        zc_refused = match code {
+                            Some(libc::EOPNOTSUPP) => {
+                                "the driver has no zero-copy AF_XDP support (EOPNOTSUPP)".into()
+                            }
+                            Some(c) => format!(
+                                "zero-copy bind failed: {}",
+                                io::Error::from_raw_os_error(c)
+                            ),
+                            None => format!("zero-copy bind failed: {e}"),
+                        };
+                        continue;
+                    }
+                    let kind = code
+                        .map(|c| io::Error::from_raw_os_error(c).kind())
+                        .unwrap_or(io::ErrorKind::Other);
+                    let hint = match code {
+                        Some(libc::EPERM) | Some(libc::EACCES) => {
+                            ": AF_XDP needs CAP_NET_ADMIN and CAP_BPF: run as root or use udp://"
+                        }
+                        Some(libc::EINVAL) => ": does the interface have this queue?",
+                        Some(libc::EBUSY) => ": another AF_XDP socket is bound to this queue",
+                        _ => "",
+                    };
+                    return Err(io::Error::new(
+                        kind,
+                        format!("AF_XDP socket on {iface} queue {queue}: {e}{hint}"),
+                    ));
+                }
+            }
+        }
+        unreachable!("the copy-mode attempt returns")
+    }
+
+    /// The socket's descriptor (for the XSKMAP and for poll).
+    pub(crate) fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Bytes a frame can carry.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Give up to `n` free frames to the fill ring.
+    fn post_receives(&mut self, n: usize) {
+        // Reserving ring slots is all or nothing: ask only for what fits.
+        let room = self.fq.nb_free(n as u32) as usize;
+        let n = n.min(self.free.len()).min(room);
+        if n == 0 {
+            return;
+        }
+        let at = self.free.len() - n;
+        // SAFETY: the frames come from our free list (ours, untouched by the kernel) and
+        // belong to this socket's UMEM; once produced they are the kernel's until they
+        // come back on the RX ring.
+        let done = unsafe { self.fq.produce(&self.free[at..]) };
+        self.free.truncate(self.free.len() - done);
+    }
+
+    /// Take completed transmissions back into the free list.
+    fn reclaim(&mut self) {
+        if self.tx_out == 0 {
+            return;
+        }
+        self.scratch.clear();
+        self.scratch
+            .resize(self.tx_out.min(RING as usize), FrameDesc::default());
+        // SAFETY: the completion ring hands back frames of this UMEM that the kernel has
+        // finished sending; they are ours again.
+        let n = unsafe { self.cq.consume(&mut self.scratch) };
+        self.tx_out -= n;
+        self.free.extend_from_slice(&self.scratch[..n]);
+    }
+
+    /// Build one frame with `f` (given the frame's bytes, returns the length used) and
+    /// queue it for [`flush`](Xsk::flush). False when no frame is free (the caller drops
+    /// the datagram: the protocol resends it).
+    pub(crate) fn push(&mut self, f: impl FnOnce(&mut [u8]) -> usize) -> bool {
+        if self.free.is_empty() {
+            self.reclaim();
+        }
+        let Some(mut desc) = self.free.pop() else {
+            return false;
+        };
+        let cap = self.capacity;
+        // SAFETY: `desc` is a free frame of this UMEM: neither ring holds it, so nothing
+        // else reads or writes it while we fill it.
+        let mut data = unsafe { self.umem.data_mut(&mut desc) };
+        data.cursor().set_pos(cap);
+        let n = f(data.contents_mut()).min(cap);
+        data.cursor().set_pos(n);
+        self.pending.push(desc);
+        true
+    }
+
+    /// Put queued frames on the TX ring and kick the kernel; collect completions.
+    /// Returns how many frames did not fit on the ring (dropped; the protocol resends).
+    pub(crate) fn flush(&mut self) -> usize {
+        let mut sent = 0;
+        let mut dropped = 0;
+        if !self.pending.is_empty() {
+            // Reserving ring slots is all or nothing: produce only what fits.
+            let fit = (self.tx.nb_free(self.pending.len() as u32) as usize).min(self.pending.len());
+            // SAFETY: pending frames are ours and fully written; once produced they are
+            // the kernel's until the completion ring returns them.
+            let n = unsafe { self.tx.produce(&self.pending[..fit]) };
+            self.tx_out += n;
+            sent = n;
+            // What the ring had no room for goes back to the free list (dropped).
+            let rest: Vec<FrameDesc> = self.pending.drain(n..).collect();
+            dropped = rest.len();
+            self.free.extend(rest);
+            self.pending.clear();
+        }
+        if self.tx_out > 0 && (sent > 0 || self.tx.needs_wakeup()) {
+            let _ = self.tx.wakeup();
+        }
+        self.reclaim();
+        dropped
+    }
+
+    /// Hand each received frame to `f`, then return the frames to the fill ring.
+    pub(crate) fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> usize {
+        self.scratch.clear();
+        self.scratch
+            .resize(max.min(RING as usize), FrameDesc::default());
+        // SAFETY: frames on the RX ring are this UMEM's and, once consumed, ours.
+        let n = unsafe { self.rx.consume(&mut self.scratch) };
+        for i in 0..n {
+            let d = self.scratch[i];
+            // SAFETY: `d` was just consumed from the RX ring: the kernel is done with it
+            // and nothing else touches it until it is produced to the fill ring below.
+            let data = unsafe { self.umem.data(&d) };
+            f(data.contents());
+        }
+        if n > 0 {
+            let got: Vec<FrameDesc> = self.scratch[..n].to_vec();
+            self.free.extend(got);
+        }
+        // Keep the fill ring stocked, leaving frames for transmit.
+        let keep_for_tx = (FRAMES / 4) as usize;
+        if self.free.len() > keep_for_tx {
+            let give = self.free.len() - keep_for_tx;
+            self.post_receives(give);
+        }
+        if n == 0 && self.fq.needs_wakeup() {
+            // Copy mode needs a syscall to move frames when the kernel asks for one.
+            let _ = self.fq.wakeup(self.rx.fd_mut(), 0);
+        }
+        n
+    }
+}
