@@ -87,8 +87,9 @@ status() {
             q=$(in_ns "$ns" ethtool -l "$dev" 2>/dev/null | awk '/^RX:/{v=$2} END{print v}')
             in_ns "$ns" ip -br addr show dev "$dev" 2>/dev/null |
                 awk -v ns="$ns" -v q="${q:-?}" '{print "topology: " ns ": " $0 " rx queues " q}'
-            in_ns "$ns" ip -d link show dev "$dev" 2>/dev/null | grep -o 'mtu [0-9]*\|prog/xdp id [0-9]*' |
-                sed "s/^/topology: $ns: $dev /" || true
+            mtu=$(in_ns "$ns" ip -o link show dev "$dev" 2>/dev/null | grep -o ' mtu [0-9]*' | head -1)
+            xdp=$(in_ns "$ns" ip -d link show dev "$dev" 2>/dev/null | grep -o 'prog/xdp id [0-9]*' | head -1)
+            echo "topology: $ns: $dev${mtu}${xdp:+, XDP program attached (${xdp#prog/xdp })}"
         else
             echo "topology: $ns absent"
         fi

@@ -18,17 +18,21 @@ use crate::{AnyResult, client_measure, memcpy, units};
 pub struct CompareArgs {
     /// A/B pairs per comparison (at least 3 for a median worth quoting).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
-    pairs: u32,
+    pub(crate) pairs: u32,
     /// Length of each run.
     #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
-    duration: Duration,
+    pub(crate) duration: Duration,
     /// Write the results as JSON to this file (`-` for stdout).
     #[arg(long)]
-    json: Option<String>,
+    pub(crate) json: Option<String>,
+    /// Between two hosts instead of over loopback: network namespaces pfs-a (servers)
+    /// and pfs-b (clients) joined by veth, as `tools/topology.sh up` makes them (root).
+    #[arg(long)]
+    pub(crate) two_hosts: bool,
 }
 
 /// A child process killed and reaped on drop.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -37,7 +41,7 @@ impl Drop for Proc {
     }
 }
 
-fn need(tool: &str, package: &str) -> AnyResult {
+pub(crate) fn need(tool: &str, package: &str) -> AnyResult {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
@@ -93,7 +97,7 @@ fn wait_bound(port: u16, udp: bool) -> AnyResult {
     Ok(())
 }
 
-fn cpus(client: bool) -> &'static str {
+pub(crate) fn cpus(client: bool) -> &'static str {
     if client || pfs_transport::online_cpus() < 2 {
         "0"
     } else {
@@ -254,7 +258,7 @@ fn sockperf(secs: u64, tcp: bool) -> AnyResult<f64> {
 }
 
 /// `sockperf: ---> percentile 50.000 =    7.372` → 7.372
-fn parse_sockperf_p50(text: &str) -> Option<f64> {
+pub(crate) fn parse_sockperf_p50(text: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.contains("percentile 50.000"))
         .and_then(|l| l.rsplit('=').next())
@@ -262,6 +266,9 @@ fn parse_sockperf_p50(text: &str) -> Option<f64> {
 }
 
 pub fn compare(a: &CompareArgs) -> AnyResult {
+    if a.two_hosts {
+        return crate::twohost::compare(a);
+    }
     need("iperf3", "iperf3")?;
     need("sockperf", "sockperf")?;
     need("taskset", "util-linux")?;

@@ -5,6 +5,7 @@ mod baseline;
 mod memcpy;
 mod report;
 mod scenario;
+mod twohost;
 mod units;
 
 use std::process::ExitCode;
@@ -48,6 +49,22 @@ enum Cmd {
     /// Interleaved A/B runs against the baseline tools (iperf3, sockperf), ending with
     /// the reality check.
     Compare(baseline::CompareArgs),
+    /// Bare AF_XDP receiver for `compare --two-hosts` (no protocol): count UDP frames for
+    /// a port, print one JSON line.
+    #[cfg(feature = "xdp")]
+    #[command(hide = true)]
+    RawSink(RawSinkArgs),
+}
+
+#[cfg(feature = "xdp")]
+#[derive(Args, Debug, Clone)]
+struct RawSinkArgs {
+    #[arg(long)]
+    iface: String,
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+    duration: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -166,6 +183,8 @@ fn main() -> ExitCode {
         Some(Cmd::Server(a)) => server(&a),
         Some(Cmd::Client(a)) => client(&a),
         Some(Cmd::Compare(a)) => baseline::compare(&a),
+        #[cfg(feature = "xdp")]
+        Some(Cmd::RawSink(a)) => twohost::raw_sink(&a.iface, a.port, a.duration),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,10 +317,20 @@ fn default_run(a: &RunArgs) -> AnyResult {
     let started = Instant::now();
     let mut report = Report::new();
     let cpus = pfs_transport::online_cpus();
+    // xdp needs a NIC (AF_XDP and an XDP program on an interface): it is measured
+    // between two hosts, not over loopback.
+    let loopback_only = |k: &BackendKind| *k != BackendKind::Xdp;
+    if let Some(k) = a.backends.iter().find(|k| !loopback_only(k)) {
+        return Err(format!(
+            "{k} is measured between two hosts, not over loopback: run `pfs-bench compare \
+             --two-hosts` as root after `tools/topology.sh up` (cargo xtask bench does both)"
+        )
+        .into());
+    }
     let backends: Vec<BackendKind> = if a.backends.is_empty() {
         BackendKind::ALL
             .into_iter()
-            .filter(|k| k.unavailable_reason().is_none())
+            .filter(|k| k.unavailable_reason().is_none() && loopback_only(k))
             .collect()
     } else {
         a.backends.clone()
@@ -314,6 +343,8 @@ fn default_run(a: &RunArgs) -> AnyResult {
     for k in BackendKind::ALL {
         if let Some(why) = k.unavailable_reason() {
             println!("  skipping {k}: {why}");
+        } else if !loopback_only(&k) {
+            println!("  skipping {k} here: it needs a NIC; see pfs-bench compare --two-hosts");
         }
     }
     // Busy-poll and pin when there are two cores: the server's progress thread on CPU 1,

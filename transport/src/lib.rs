@@ -97,6 +97,8 @@ mod idmap;
 mod key;
 mod op;
 mod proto;
+#[cfg(feature = "xdp")]
+pub mod rawxdp;
 mod region;
 mod stats;
 #[allow(unsafe_code)]

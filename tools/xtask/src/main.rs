@@ -225,11 +225,42 @@ fn bench(quick: bool) -> R {
             &cmp_json.to_string_lossy(),
         ],
     )?;
+    // Two hosts, one NIC each: network namespaces joined by veth, every backend (xdp
+    // included) and the baselines, plus bare AF_XDP as the ceiling.
+    let two_json = out.join("compare-two-hosts.json");
+    if is_root() {
+        let topo = root()
+            .join("tools/topology.sh")
+            .to_string_lossy()
+            .into_owned();
+        run(&topo, &["up", "--mtu", "1500", "--queues", "2"])?;
+        let r = run(
+            &bin,
+            &[
+                "compare",
+                "--two-hosts",
+                "--pairs",
+                pairs,
+                "--duration",
+                secs,
+                "--json",
+                &two_json.to_string_lossy(),
+            ],
+        );
+        let _ = run(&topo, &["down"]);
+        r?;
+    } else {
+        println!(
+            "\nSKIPPED the two-host run (xdp, udp, tcp, iperf3, sockperf, bare AF_XDP over a \
+             veth pair): it needs root for network namespaces and XDP"
+        );
+    }
     println!(
-        "\nmain job finished in {:.0} s; JSON in {} and {}",
+        "\nmain job finished in {:.0} s; JSON in {}, {} and {}",
         t.elapsed().as_secs_f64(),
         run_json.display(),
-        cmp_json.display()
+        cmp_json.display(),
+        two_json.display()
     );
     Ok(())
 }
