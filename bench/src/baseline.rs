@@ -381,16 +381,31 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             Some(1.0),
         ));
     }
+    finish(
+        report,
+        started,
+        "loopback between two processes (no NIC involved)",
+        a.json.as_deref(),
+    )
+}
+
+/// End a comparison run: memcpy, the reality check, the tables, the JSON.
+pub(crate) fn finish(
+    mut report: Report,
+    started: Instant,
+    path: &str,
+    json: Option<&str>,
+) -> AnyResult {
     units::progress_done();
     report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
     report.elapsed_s = started.elapsed().as_secs_f64();
-    report.reality_check("loopback between two processes (no NIC involved)");
+    report.reality_check(path);
     report.print_results();
     report.print_comparisons();
     report.print_reality();
     println!("  run time: {:.1} s", report.elapsed_s);
-    if let Some(j) = &a.json {
+    if let Some(j) = json {
         report.write_json(j)?;
     }
     Ok(())

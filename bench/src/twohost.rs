@@ -14,7 +14,7 @@ use pfs_transport::Address;
 use crate::baseline::{CompareArgs, Proc, cpus, need, parse_sockperf_p50};
 use crate::report::{Comparison, Report};
 use crate::scenario::Test;
-use crate::{AnyResult, client_measure, memcpy, units};
+use crate::{AnyResult, client_measure, units};
 
 const SERVER_NS: &str = "pfs-a";
 const CLIENT_NS: &str = "pfs-b";
@@ -418,17 +418,10 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             Some(1.0),
         ));
     }
-    units::progress_done();
-    report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
-    report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
-    report.elapsed_s = started.elapsed().as_secs_f64();
-    report.reality_check("two hosts: network namespaces joined by a veth pair, MTU 1500");
-    report.print_results();
-    report.print_comparisons();
-    report.print_reality();
-    println!("  run time: {:.1} s", report.elapsed_s);
-    if let Some(j) = &a.json {
-        report.write_json(j)?;
-    }
-    Ok(())
+    crate::baseline::finish(
+        report,
+        started,
+        "two hosts: network namespaces joined by a veth pair, MTU 1500",
+        a.json.as_deref(),
+    )
 }
