@@ -87,8 +87,8 @@ status() {
             q=$(in_ns "$ns" ethtool -l "$dev" 2>/dev/null | awk '/^RX:/{v=$2} END{print v}')
             in_ns "$ns" ip -br addr show dev "$dev" 2>/dev/null |
                 awk -v ns="$ns" -v q="${q:-?}" '{print "topology: " ns ": " $0 " rx queues " q}'
-            mtu=$(in_ns "$ns" ip -o link show dev "$dev" 2>/dev/null | grep -o ' mtu [0-9]*' | head -1)
-            xdp=$(in_ns "$ns" ip -d link show dev "$dev" 2>/dev/null | grep -o 'prog/xdp id [0-9]*' | head -1)
+            mtu=$(in_ns "$ns" ip -o link show dev "$dev" 2>/dev/null | grep -o ' mtu [0-9]*' | head -1 || true)
+            xdp=$(in_ns "$ns" ip -d link show dev "$dev" 2>/dev/null | grep -o 'prog/xdp id [0-9]*' | head -1 || true)
             echo "topology: $ns: $dev${mtu}${xdp:+, XDP program attached (${xdp#prog/xdp })}"
         else
             echo "topology: $ns absent"

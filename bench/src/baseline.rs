@@ -29,6 +29,10 @@ pub struct CompareArgs {
     /// and pfs-b (clients) joined by veth, as `tools/topology.sh up` makes them (root).
     #[arg(long)]
     pub(crate) two_hosts: bool,
+    /// Link MTU of the two-host run (the veth pair must have it: `tools/topology.sh up
+    /// --mtu N`); above 3506 the xdp backend uses multi-buffer frames.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=9000))]
+    pub(crate) mtu: u32,
 }
 
 /// A child process killed and reaped on drop.

@@ -471,8 +471,16 @@ fn server(a: &ServerArgs) -> AnyResult {
     }
 }
 
-/// The MTU to use towards `addr`: 64 KiB datagrams on loopback, Ethernet's 1500 else.
+/// The link MTU of the network a run measures, when it is known (two-host runs).
+pub(crate) static LINK_MTU: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The MTU to use towards `addr`: 64 KiB datagrams on loopback, the measured link's MTU
+/// when known, Ethernet's 1500 else.
 pub(crate) fn mtu_for(addr: &Address) -> usize {
+    let link = LINK_MTU.load(Ordering::Relaxed);
+    if link > 0 {
+        return link;
+    }
     if addr.socket_addr().ip().is_loopback() {
         LOOPBACK_MTU
     } else {

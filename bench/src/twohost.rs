@@ -22,6 +22,10 @@ const SERVER_IF: &str = "pfs-a0";
 const CLIENT_IF: &str = "pfs-b0";
 const SERVER_IP: &str = "198.18.0.1";
 
+fn mtu() -> usize {
+    crate::LINK_MTU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn netns_path(ns: &str) -> String {
     format!("/run/netns/{ns}")
 }
@@ -97,7 +101,7 @@ fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
                 cpus(false),
                 "--busy-poll",
                 "--mtu",
-                "1500",
+                &mtu().to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -241,7 +245,7 @@ fn raw(secs: u64) -> AnyResult<pfs_transport::rawxdp::RawCount> {
     pfs_transport::rawxdp::blast(
         CLIENT_IF,
         dst,
-        1472,
+        mtu() - 28,
         Duration::from_secs(secs) + Duration::from_millis(500),
     )?;
     let counted = lines.next().ok_or("raw sink printed no count")??;
@@ -287,6 +291,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     need("iperf3", "iperf3")?;
     need("sockperf", "sockperf")?;
     need("nsenter", "util-linux")?;
+    crate::LINK_MTU.store(a.mtu as usize, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let secs = a.duration.as_secs().max(1);
     let dur = Duration::from_secs(secs);
@@ -295,13 +300,18 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     if pfs_transport::online_cpus() >= 2 {
         pfs_transport::pin_current_thread(0)?;
     }
-    let mode = "busy-poll; client in pfs-b on CPU 0 drives progress, server in pfs-a on CPU 1 \
-                (veth pair, MTU 1500)";
+    let mode = format!(
+        "busy-poll; client in pfs-b on CPU 0 drives progress, server in pfs-a on CPU 1 (veth \
+         pair, MTU {})",
+        a.mtu
+    );
+    let mode = mode.as_str();
+    let m = a.mtu;
     let mut report = Report::new();
     let xdp = cfg!(feature = "xdp");
     println!(
         "pfs-bench compare --two-hosts: {} pairs of {secs} s runs, {CLIENT_NS}/{CLIENT_IF} -> \
-         {SERVER_NS}/{SERVER_IF} ({SERVER_IP}), veth at MTU 1500",
+         {SERVER_NS}/{SERVER_IF} ({SERVER_IP}), veth at MTU {m}",
         a.pairs
     );
     if !xdp {
@@ -315,7 +325,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         };
         format!(
             "[{CLIENT_NS}] pfs-bench client {dial} {rest} --duration {secs}s --cpu {} (server in \
-             {SERVER_NS}: pfs-bench server --listen {} --cpu {} --busy-poll --mtu 1500)",
+             {SERVER_NS}: pfs-bench server --listen {} --cpu {} --busy-poll --mtu {m})",
             cpus(true),
             dial.replace(CLIENT_IF, SERVER_IF),
             cpus(false)
@@ -363,7 +373,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             continue;
         }
         report.comparisons.push(Comparison::new(
-            &format!("{name} 1 MiB writes vs iperf3 single TCP stream (veth, MTU 1500)"),
+            &format!("{name} 1 MiB writes vs iperf3 single TCP stream (veth, MTU {m})"),
             &ours(scheme, write_args),
             &iperf3_cmd,
             "Gbit/s",
@@ -374,7 +384,11 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     }
     if !xdp_raw.is_empty() {
         report.comparisons.push(Comparison::new(
-            "xdp 1 MiB write goodput vs bare AF_XDP (1472 B UDP payloads, no protocol; veth, MTU 1500)",
+            &format!(
+                "xdp 1 MiB write goodput vs bare AF_XDP ({} B UDP payloads, no protocol; veth, \
+                 MTU {m})",
+                m - 28
+            ),
             &ours("xdp", write_args),
             &format!(
                 "[{CLIENT_NS}] bare AF_XDP sender on {CLIENT_IF} queue 0 -> [{SERVER_NS}] \
@@ -405,7 +419,10 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             report.results.push(m);
         }
         report.comparisons.push(Comparison::new(
-            &format!("{scheme} 64 B write round trip vs sockperf ping-pong UDP 64 B (median full RTT, veth)"),
+            &format!(
+                "{scheme} 64 B write round trip vs sockperf ping-pong UDP 64 B (median full \
+                 RTT, veth, MTU {m})"
+            ),
             &ours(scheme, "--test latency --size 64"),
             &format!(
                 "[{CLIENT_NS}] {} (server in {SERVER_NS}: taskset -c {} sockperf server --nonblocked -i {SERVER_IP} -p P)",
@@ -421,7 +438,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     crate::baseline::finish(
         report,
         started,
-        "two hosts: network namespaces joined by a veth pair, MTU 1500",
+        &format!("two hosts: network namespaces joined by a veth pair, MTU {m}"),
         a.json.as_deref(),
     )
 }

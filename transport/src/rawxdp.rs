@@ -51,10 +51,11 @@ fn setup(iface: &str, port: u16) -> io::Result<Setup> {
         .ipv4
         .ok_or_else(|| other(format!("{iface} has no IPv4 address")))?;
     let reserve = std::net::UdpSocket::bind((ip, port))?;
-    let attach = prog::attach(iface, info.index, false).map_err(other)?;
+    let frags = info.mtu > 3506;
+    let attach = prog::attach(iface, info.index, frags).map_err(other)?;
     let mut socks = Vec::new();
     for q in 0..info.queues {
-        let x = Xsk::open(iface, q, false)?;
+        let x = Xsk::open(iface, q, false, frags, info.mtu as usize + 14)?;
         attach.prog.set_socket(q, x.fd()).map_err(other)?;
         socks.push(x);
     }
@@ -142,12 +143,13 @@ pub fn blast(
         src,
         dst,
     };
-    let cap = s.socks[0].capacity();
-    if payload + frame::HEADERS > cap {
+    if payload + 28 > s.info.mtu as usize {
         return Err(other(format!(
-            "payload {payload} does not fit a {cap}-byte frame"
+            "payload {payload} does not fit {iface}'s MTU {}",
+            s.info.mtu
         )));
     }
+    let one_frame = payload + frame::HEADERS <= s.socks[0].capacity();
     // One frame, built once: a frame that comes back from the completion ring still
     // holds it, so sending again is ring work only (the headers are compared to be sure).
     let mut template = vec![0x5au8; frame::HEADERS + payload];
@@ -158,12 +160,18 @@ pub fn blast(
     while t0.elapsed() < duration {
         let mut queued = 0u64;
         for _ in 0..64 {
-            if !x.push(|f| {
-                if f[..frame::HEADERS] != template[..frame::HEADERS] {
-                    f[..len].copy_from_slice(&template);
-                }
-                len
-            }) {
+            let ok = if one_frame {
+                x.push(|f| {
+                    if f[..frame::HEADERS] != template[..frame::HEADERS] {
+                        f[..len].copy_from_slice(&template);
+                    }
+                    len
+                })
+            } else {
+                // A chain of frames: copied each time.
+                x.push_bytes(&template)
+            };
+            if !ok {
                 break;
             }
             queued += 1;

@@ -382,3 +382,139 @@ fn bad_input_gets_clear_errors() {
     assert!(e.contains("already carries an xdp endpoint"), "{e}");
     drop(first);
 }
+
+/// Puts the topology back at MTU 1500 when dropped, whatever happened.
+struct Mtu1500;
+
+impl Drop for Mtu1500 {
+    fn drop(&mut self) {
+        let _ = Command::new(topology())
+            .args(["up", "--mtu", "1500", "--queues", "2"])
+            .output();
+    }
+}
+
+#[test]
+fn jumbo_frames_span_several_umem_frames() {
+    if !two_hosts() {
+        return;
+    }
+    let _g = conformance::hold(xdp(Mode::ThreadBlock));
+    let _restore = Mtu1500;
+    let out = Command::new(topology())
+        .args(["up", "--mtu", "9000", "--queues", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = if cfg!(debug_assertions) {
+        8 << 20
+    } else {
+        64 << 20
+    };
+    let jumbo = || {
+        EndpointConfig::new()
+            .mtu(9000)
+            .op_timeout(Duration::from_secs(60))
+    };
+    init();
+    enter(Side::Server);
+    let server = Endpoint::bind(jumbo().listen("xdp://pfs-a0/198.18.0.1:0").unwrap()).unwrap();
+    let described = server.describe().join(" ");
+    assert!(described.contains("multi-buffer"), "{described}");
+    let port = server.local_addrs()[0].socket_addr().port();
+    enter(Side::Client);
+    // xdp <-> xdp: 8972-byte datagrams, three 4 KiB UMEM frames each.
+    let client = Endpoint::bind(jumbo()).unwrap();
+    let conn = client
+        .connect(&format!("xdp://pfs-b0/{SERVER_IP}:{port}"))
+        .unwrap();
+    transfer_byte_exact(&conn, &client, &server, total);
+    drop((conn, client));
+    // udp -> xdp at the same MTU: the kernel's 9000-byte frames arrive as chains.
+    let client = Endpoint::bind(jumbo()).unwrap();
+    let conn = client
+        .connect(&format!("udp://{SERVER_IP}:{port}"))
+        .unwrap();
+    transfer_byte_exact(&conn, &client, &server, total);
+}
+
+#[test]
+fn tcpdump_decodes_the_frames_with_correct_checksums() {
+    if !two_hosts() {
+        return;
+    }
+    let _g = conformance::hold(xdp(Mode::ThreadBlock));
+    init();
+    // A udp server: pfs-a0 has no XDP program, so the kernel (and tcpdump) sees every
+    // frame the xdp client builds.
+    enter(Side::Server);
+    let server =
+        Endpoint::bind(EndpointConfig::new().listen("udp://198.18.0.1:0").unwrap()).unwrap();
+    let port = server.local_addrs()[0].socket_addr().port();
+    let mut dump = conformance::ChildGuard(
+        Command::new("nsenter")
+            .args([
+                "--net=/run/netns/pfs-a",
+                "tcpdump",
+                "-i",
+                "pfs-a0",
+                "-n",
+                "-vv",
+                "-l",
+                "-c",
+                "6",
+                "udp",
+                "and",
+                "dst",
+                "port",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run tcpdump"),
+    );
+    // tcpdump says "listening" on stderr once it captures.
+    let err = dump.0.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(err));
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("listening"), "{first}");
+    enter(Side::Client);
+    let client = Endpoint::bind(EndpointConfig::new()).unwrap();
+    let conn = client
+        .connect(&format!("xdp://pfs-b0/{SERVER_IP}:{port}"))
+        .unwrap();
+    for _ in 0..6 {
+        conn.send(b"decoded by tcpdump").unwrap().wait().unwrap();
+    }
+    let out = dump.0.wait_with_output_of_stdout();
+    assert!(out.matches("udp sum ok").count() >= 6, "{out}");
+    assert!(
+        out.contains("flags [DF]") && out.contains("198.18.0.2."),
+        "{out}"
+    );
+    assert!(
+        !out.contains("bad udp cksum") && !out.contains("bad cksum"),
+        "{out}"
+    );
+}
+
+trait StdoutText {
+    fn wait_with_output_of_stdout(&mut self) -> String;
+}
+
+impl StdoutText for std::process::Child {
+    fn wait_with_output_of_stdout(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut o) = self.stdout.take() {
+            let _ = o.read_to_string(&mut s);
+        }
+        let _ = self.wait();
+        s
+    }
+}

@@ -233,22 +233,36 @@ fn bench(quick: bool) -> R {
             .join("tools/topology.sh")
             .to_string_lossy()
             .into_owned();
-        run(&topo, &["up", "--mtu", "1500", "--queues", "2"])?;
-        let r = run(
-            &bin,
-            &[
-                "compare",
-                "--two-hosts",
-                "--pairs",
-                pairs,
-                "--duration",
-                secs,
-                "--json",
-                &two_json.to_string_lossy(),
-            ],
-        );
+        // MTU 1500, then (full run only) jumbo frames, where xdp uses multi-buffer frames.
+        let mtus: &[&str] = if quick { &["1500"] } else { &["1500", "9000"] };
+        for mtu in mtus {
+            let json = if *mtu == "1500" {
+                two_json.clone()
+            } else {
+                out.join(format!("compare-two-hosts-{mtu}.json"))
+            };
+            run(&topo, &["up", "--mtu", mtu, "--queues", "2"])?;
+            let r = run(
+                &bin,
+                &[
+                    "compare",
+                    "--two-hosts",
+                    "--mtu",
+                    mtu,
+                    "--pairs",
+                    pairs,
+                    "--duration",
+                    secs,
+                    "--json",
+                    &json.to_string_lossy(),
+                ],
+            );
+            if r.is_err() {
+                let _ = run(&topo, &["down"]);
+            }
+            r?;
+        }
         let _ = run(&topo, &["down"]);
-        r?;
     } else {
         println!(
             "\nSKIPPED the two-host run (xdp, udp, tcp, iperf3, sockperf, bare AF_XDP over a \

@@ -45,11 +45,14 @@ pub(crate) struct XdpDriver {
     socks: Vec<Xsk>,
     reserve: UdpSocket,
     busy: bool,
+    frags: bool,
     max_datagram: usize,
     tables: neigh::Tables,
     macs: HashMap<Ipv4Addr, [u8; 6]>,
     asked: HashMap<Ipv4Addr, Instant>,
     ip_id: u16,
+    /// A frame too large for one UMEM frame is built here, then spread over several.
+    big: Vec<u8>,
     wake: Arc<EvWake>,
     pollfds: Vec<libc::pollfd>,
     drops: XdpDrops,
@@ -100,7 +103,10 @@ impl XdpDriver {
         } else {
             *want.ip()
         };
-        let frags = mtu > 3506;
+        // Above 3506 bytes a frame no longer fits one buffer on veth (and one 4 KiB UMEM
+        // frame here): the multi-buffer program and sockets are needed, and an interface
+        // with such an MTU refuses a single-buffer program anyway.
+        let frags = mtu > 3506 || info.mtu > 3506;
         if mtu as u32 > info.mtu {
             return Err(err(
                 io::ErrorKind::InvalidInput,
@@ -108,15 +114,6 @@ impl XdpDriver {
                     "mtu {mtu} is above {iface}'s MTU {}: raise it (ip link set dev {iface} mtu \
                      {mtu}) or lower the endpoint's mtu",
                     info.mtu
-                ),
-            ));
-        }
-        if frags {
-            return Err(err(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "mtu {mtu}: the xdp backend sends datagrams in one 4 KiB frame, so up to \
-                     mtu 3506; use udp:// for jumbo frames"
                 ),
             ));
         }
@@ -135,7 +132,7 @@ impl XdpDriver {
             .map_err(|e| err(io::ErrorKind::PermissionDenied, e))?;
         let mut socks = Vec::new();
         for q in 0..info.queues {
-            let x = Xsk::open(iface, q, !busy)?;
+            let x = Xsk::open(iface, q, !busy, frags, info.mtu as usize + 14)?;
             attach
                 .prog
                 .set_socket(q, x.fd())
@@ -146,7 +143,11 @@ impl XdpDriver {
             .prog
             .add_port(local.port())
             .map_err(|e| err(io::ErrorKind::Other, e))?;
-        let max_datagram = (mtu - 28).min(socks[0].capacity() - frame::HEADERS);
+        let max_datagram = if frags {
+            mtu - 28
+        } else {
+            (mtu - 28).min(socks[0].capacity() - frame::HEADERS)
+        };
         let wake = Arc::new(EvWake {
             fd: EventFd::new()?,
             sleeping: AtomicBool::new(false),
@@ -159,11 +160,13 @@ impl XdpDriver {
             socks,
             reserve,
             busy,
+            frags,
             max_datagram,
             tables: neigh::Tables::open()?,
             macs: HashMap::new(),
             asked: HashMap::new(),
             ip_id: 0,
+            big: Vec::new(),
             wake,
             pollfds: Vec::new(),
             drops: XdpDrops::default(),
@@ -249,11 +252,19 @@ impl Driver for XdpDriver {
         self.ip_id = self.ip_id.wrapping_add(1);
         let id = self.ip_id;
         let i = self.sock_for(&dst);
-        let ok = self.socks[i].push(|f| {
-            let n = datagram.len();
-            f[frame::HEADERS..frame::HEADERS + n].copy_from_slice(datagram);
-            frame::write_headers(f, &route, n, id)
-        });
+        let n = datagram.len();
+        let ok = if frame::HEADERS + n <= self.socks[i].capacity() {
+            self.socks[i].push(|f| {
+                f[frame::HEADERS..frame::HEADERS + n].copy_from_slice(datagram);
+                frame::write_headers(f, &route, n, id)
+            })
+        } else {
+            self.big.clear();
+            self.big.resize(frame::HEADERS + n, 0);
+            self.big[frame::HEADERS..].copy_from_slice(datagram);
+            frame::write_headers(&mut self.big, &route, n, id);
+            self.socks[i].push_bytes(&self.big)
+        };
         if !ok {
             self.drops.not_sent += 1;
         }
@@ -343,10 +354,11 @@ impl Driver for XdpDriver {
             BindMode::Copy(why) => format!("copy mode ({why})"),
         };
         format!(
-            "AF_XDP on {} ({} queue{}, {mode}, {}; datagrams up to {} bytes)",
+            "AF_XDP on {} ({} queue{}, {mode}{}, {}; datagrams up to {} bytes)",
             self.iface,
             self.socks.len(),
             if self.socks.len() == 1 { "" } else { "s" },
+            if self.frags { ", multi-buffer" } else { "" },
             if self.busy {
                 "busy-poll"
             } else {

@@ -47,10 +47,23 @@ pub(crate) struct Xsk {
     scratch: Vec<FrameDesc>,
     /// Frames on the TX ring, not yet completed.
     tx_out: usize,
+    /// Where each queued packet ends in `pending` (packets may span frames).
+    pending_ends: Vec<usize>,
     /// Usable bytes per frame.
     capacity: usize,
+    /// Multi-buffer: packets may span several frames (`XDP_PKT_CONTD`).
+    sg: bool,
+    /// A received packet being gathered from its frames.
+    chain: Vec<u8>,
+    /// The packet being gathered is too long: drop it when it ends.
+    chain_bad: bool,
+    /// Largest packet gathered from several frames.
+    max_packet: usize,
     pub(crate) mode: BindMode,
 }
+
+/// `xdp_desc.options`: more frames of this packet follow.
+const XDP_PKT_CONTD: u32 = 1;
 
 impl std::fmt::Debug for Xsk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,7 +93,15 @@ impl Xsk {
     /// Create a UMEM and bind a socket on `iface` queue `queue`: zero-copy first, then
     /// copy mode. libxdp loads no program of its own: the caller inserts the socket into
     /// its XSKMAP.
-    pub(crate) fn open(iface: &str, queue: u32, need_wakeup: bool) -> io::Result<Xsk> {
+    /// With `sg` (multi-buffer), packets up to `max_packet` bytes may span frames; the
+    /// XDP program must then be the `xdp.frags` one.
+    pub(crate) fn open(
+        iface: &str,
+        queue: u32,
+        need_wakeup: bool,
+        sg: bool,
+        max_packet: usize,
+    ) -> io::Result<Xsk> {
         let name: Interface = iface
             .parse()
             .map_err(|e| io_err("interface name", format!("{e:?}")))?;
@@ -93,11 +114,14 @@ impl Xsk {
             .map_err(|e| io_err("UMEM config", e))?;
         let capacity = ucfg.mtu() as usize;
         let frames = NonZeroU32::new(FRAMES).expect("non-zero");
-        let wake = if need_wakeup {
+        let mut wake = if need_wakeup {
             BindFlags::XDP_USE_NEED_WAKEUP
         } else {
             BindFlags::empty()
         };
+        if sg {
+            wake |= BindFlags::XDP_USE_SG;
+        }
         let mut zc_refused = String::new();
         for zero_copy in [true, false] {
             let flags = if zero_copy {
@@ -147,7 +171,12 @@ impl Xsk {
                         pending: Vec::new(),
                         scratch: Vec::new(),
                         tx_out: 0,
+                        pending_ends: Vec::new(),
                         capacity,
+                        sg,
+                        chain: Vec::new(),
+                        chain_bad: false,
+                        max_packet,
                         mode,
                     };
                     x.post_receives((FRAMES / 2) as usize);
@@ -253,7 +282,40 @@ impl Xsk {
         data.cursor().set_pos(cap);
         let n = f(data.contents_mut()).min(cap);
         data.cursor().set_pos(n);
+        desc.set_options(0);
         self.pending.push(desc);
+        self.pending_ends.push(self.pending.len());
+        true
+    }
+
+    /// Queue one packet of `bytes`, over as many frames as it needs (multi-buffer
+    /// sockets only for more than one). False when frames are short or the packet does
+    /// not fit.
+    pub(crate) fn push_bytes(&mut self, bytes: &[u8]) -> bool {
+        let frames = bytes.len().div_ceil(self.capacity).max(1);
+        if frames > 1 && !self.sg {
+            return false;
+        }
+        if self.free.len() < frames {
+            self.reclaim();
+            if self.free.len() < frames {
+                return false;
+            }
+        }
+        let cap = self.capacity;
+        for (i, chunk) in bytes.chunks(cap).enumerate() {
+            let Some(mut desc) = self.free.pop() else {
+                return false;
+            };
+            // SAFETY: `desc` is a free frame of this UMEM (see `push`).
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            data.cursor().set_pos(cap);
+            data.contents_mut()[..chunk.len()].copy_from_slice(chunk);
+            data.cursor().set_pos(chunk.len());
+            desc.set_options(if i + 1 < frames { XDP_PKT_CONTD } else { 0 });
+            self.pending.push(desc);
+        }
+        self.pending_ends.push(self.pending.len());
         true
     }
 
@@ -263,18 +325,29 @@ impl Xsk {
         let mut sent = 0;
         let mut dropped = 0;
         if !self.pending.is_empty() {
-            // Reserving ring slots is all or nothing: produce only what fits.
-            let fit = (self.tx.nb_free(self.pending.len() as u32) as usize).min(self.pending.len());
+            // Reserving ring slots is all or nothing: produce only what fits, and only
+            // whole packets.
+            let room = self.tx.nb_free(self.pending.len() as u32) as usize;
+            let whole = self
+                .pending_ends
+                .iter()
+                .take_while(|&&end| end <= room)
+                .count();
+            let fit = if whole == 0 {
+                0
+            } else {
+                self.pending_ends[whole - 1]
+            };
             // SAFETY: pending frames are ours and fully written; once produced they are
             // the kernel's until the completion ring returns them.
             let n = unsafe { self.tx.produce(&self.pending[..fit]) };
             self.tx_out += n;
             sent = n;
             // What the ring had no room for goes back to the free list (dropped).
-            let rest: Vec<FrameDesc> = self.pending.drain(n..).collect();
-            dropped = rest.len();
-            self.free.extend(rest);
+            dropped = self.pending_ends.len() - whole;
+            self.free.extend_from_slice(&self.pending[n..]);
             self.pending.clear();
+            self.pending_ends.clear();
         }
         if self.tx_out > 0 && (sent > 0 || self.tx.needs_wakeup()) {
             let _ = self.tx.wakeup();
@@ -290,17 +363,34 @@ impl Xsk {
             .resize(max.min(RING as usize), FrameDesc::default());
         // SAFETY: frames on the RX ring are this UMEM's and, once consumed, ours.
         let n = unsafe { self.rx.consume(&mut self.scratch) };
+        let mut packets = 0;
         for i in 0..n {
             let d = self.scratch[i];
             // SAFETY: `d` was just consumed from the RX ring: the kernel is done with it
             // and nothing else touches it until it is produced to the fill ring below.
             let data = unsafe { self.umem.data(&d) };
-            f(data.contents());
+            let more = d.options() & XDP_PKT_CONTD != 0;
+            if !more && self.chain.is_empty() && !self.chain_bad {
+                // The common case: a packet in one frame, handed over in place.
+                f(data.contents());
+                packets += 1;
+                continue;
+            }
+            if self.chain.len() + data.contents().len() > self.max_packet {
+                self.chain_bad = true;
+            } else if !self.chain_bad {
+                self.chain.extend_from_slice(data.contents());
+            }
+            if !more {
+                if !self.chain_bad {
+                    f(&self.chain);
+                    packets += 1;
+                }
+                self.chain.clear();
+                self.chain_bad = false;
+            }
         }
-        if n > 0 {
-            let got: Vec<FrameDesc> = self.scratch[..n].to_vec();
-            self.free.extend(got);
-        }
+        self.free.extend_from_slice(&self.scratch[..n]);
         // Keep the fill ring stocked, leaving frames for transmit.
         let keep_for_tx = (FRAMES / 4) as usize;
         if self.free.len() > keep_for_tx {
@@ -311,6 +401,6 @@ impl Xsk {
             // Copy mode needs a syscall to move frames when the kernel asks for one.
             let _ = self.fq.wakeup(self.rx.fd_mut(), 0);
         }
-        n
+        packets
     }
 }
