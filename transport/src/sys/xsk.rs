@@ -349,7 +349,11 @@ impl Xsk {
             self.pending.clear();
             self.pending_ends.clear();
         }
-        if self.tx_out > 0 && (sent > 0 || self.tx.needs_wakeup()) {
+        // In copy mode the kernel transmits only inside sendto (at most 32 frames per
+        // call), so frames still on the ring need a kick on every flush; in zero-copy
+        // mode the driver asks for one through the need-wakeup flag.
+        let copy = matches!(self.mode, BindMode::Copy(_));
+        if self.tx_out > 0 && (sent > 0 || copy || self.tx.needs_wakeup()) {
             let _ = self.tx.wakeup();
         }
         self.reclaim();
