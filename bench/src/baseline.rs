@@ -122,6 +122,7 @@ fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
                 "--cpu",
                 cpus(false),
                 "--busy-poll",
+                "--die-with-parent",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

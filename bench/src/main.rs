@@ -5,6 +5,7 @@ mod baseline;
 mod memcpy;
 mod report;
 mod scenario;
+mod signals;
 mod twohost;
 mod units;
 
@@ -100,6 +101,9 @@ struct ServerArgs {
     /// Link MTU for the datagram backends (default: 65535 on loopback, 1500 otherwise).
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65535))]
     mtu: Option<u32>,
+    /// Exit when the parent process does (servers started by `compare`).
+    #[arg(long, hide = true)]
+    die_with_parent: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    signals::install();
     let r = match cli.cmd {
         None => default_run(&cli.run),
         Some(Cmd::Run(a)) => default_run(&a),
@@ -184,7 +189,10 @@ fn main() -> ExitCode {
         Some(Cmd::Client(a)) => client(&a),
         Some(Cmd::Compare(a)) => baseline::compare(&a),
         #[cfg(feature = "xdp")]
-        Some(Cmd::RawSink(a)) => twohost::raw_sink(&a.iface, a.port, a.duration),
+        Some(Cmd::RawSink(a)) => {
+            signals::die_with_parent();
+            twohost::raw_sink(&a.iface, a.port, a.duration)
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -449,6 +457,9 @@ fn with_backend(addr: &Address, b: Option<BackendKind>) -> Address {
 }
 
 fn server(a: &ServerArgs) -> AnyResult {
+    if a.die_with_parent {
+        signals::die_with_parent();
+    }
     let listen = with_backend(&a.listen, a.backend);
     let cfg = EndpointConfig::new()
         .listen(&listen.to_string())?

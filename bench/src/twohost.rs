@@ -102,6 +102,7 @@ fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
                 "--busy-poll",
                 "--mtu",
                 &mtu().to_string(),
+                "--die-with-parent",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

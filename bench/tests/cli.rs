@@ -121,3 +121,32 @@ fn json_output_follows_the_schema() {
     assert_eq!(v["reality"]["claim_bytes_per_s"].as_f64().unwrap(), 4e15);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigterm_and_sigint_stop_a_server_with_a_line() {
+    use std::io::BufRead;
+    for (sig, code, word) in [
+        (libc::SIGTERM, 143, "SIGTERM"),
+        (libc::SIGINT, 130, "SIGINT"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pfs-bench"))
+            .args(["server", "--listen", "udp://127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run pfs-bench server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening on udp://"), "{line}");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, sig);
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(word) && err.contains("stopping"), "{err}");
+    }
+}

@@ -78,6 +78,14 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
+/// An error with its source, on one line.
+fn chain(e: &impl std::error::Error) -> String {
+    match e.source() {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    }
+}
+
 fn os_code(e: &impl std::error::Error) -> Option<i32> {
     let mut src = e.source();
     while let Some(s) = src {
@@ -132,8 +140,9 @@ impl Xsk {
             let (umem, descs) = Umem::new(ucfg, frames, false).map_err(|e| {
                 let code = os_code(&e);
                 let hint = match code {
-                    Some(libc::ENOMEM) | Some(libc::EPERM) => {
-                        " (locked memory: raise `ulimit -l`, or run as root)"
+                    Some(libc::ENOMEM) | Some(libc::EPERM) | Some(libc::ENOBUFS) => {
+                        ": the UMEM counts against the locked-memory limit; raise it \
+                         (`ulimit -l unlimited`) or run with CAP_IPC_LOCK"
                     }
                     _ => "",
                 };
@@ -141,7 +150,11 @@ impl Xsk {
                     code.map(io::Error::from_raw_os_error)
                         .map(|e| e.kind())
                         .unwrap_or(io::ErrorKind::Other),
-                    format!("creating a {} MiB UMEM: {e}{hint}", (FRAMES * FRAME) >> 20),
+                    format!(
+                        "creating a {} MiB UMEM: {}{hint}",
+                        (FRAMES * FRAME) >> 20,
+                        chain(&e)
+                    ),
                 )
             })?;
             let scfg = SocketConfig::builder()
@@ -199,7 +212,7 @@ impl Xsk {
                                 "zero-copy bind failed: {}",
                                 io::Error::from_raw_os_error(c)
                             ),
-                            None => format!("zero-copy bind failed: {e}"),
+                            None => format!("zero-copy bind failed: {}", chain(&e)),
                         };
                         continue;
                     }
@@ -216,7 +229,10 @@ impl Xsk {
                     };
                     return Err(io::Error::new(
                         kind,
-                        format!("AF_XDP socket on {iface} queue {queue}: {e}{hint}"),
+                        format!(
+                            "AF_XDP socket on {iface} queue {queue}: {}{hint}",
+                            chain(&e)
+                        ),
                     ));
                 }
             }

@@ -66,6 +66,14 @@ fn map(obj: &Object, name: &str) -> Result<MapHandle, String> {
 impl Loaded {
     /// Load the program into the kernel (both variants; nothing attached yet).
     pub(crate) fn load() -> Result<Loaded, String> {
+        // libbpf prints to stderr by default; its messages go to our log instead, and
+        // failures reach the caller as errors.
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(|| {
+            libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |level, msg| {
+                tracing::debug!(?level, "libbpf: {}", msg.trim_end());
+            })));
+        });
         let open = ObjectBuilder::default()
             .open_memory(OBJECT)
             .map_err(|e| format!("opening the XDP object: {e:#}"))?;
