@@ -390,8 +390,28 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         report,
         started,
         "loopback between two processes (no NIC involved)",
+        None,
         a.json.as_deref(),
     )
+}
+
+/// The line rate `ethtool IFACE` reports, in bytes/s (`None` when it reports none).
+pub(crate) fn line_rate(iface: &str) -> Option<f64> {
+    let out = Command::new("ethtool").arg(iface).output().ok()?;
+    parse_ethtool_speed(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `\tSpeed: 10000Mb/s` → 1.25e9 bytes/s.
+fn parse_ethtool_speed(text: &str) -> Option<f64> {
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Speed:"))?
+        .trim()
+        .strip_suffix("Mb/s")?
+        .trim()
+        .parse::<f64>()
+        .ok()?;
+    (v > 0.0).then_some(v * 1e6 / 8.0)
 }
 
 /// End a comparison run: memcpy, the reality check, the tables, the JSON.
@@ -399,13 +419,14 @@ pub(crate) fn finish(
     mut report: Report,
     started: Instant,
     path: &str,
+    nic: Option<(String, Option<f64>)>,
     json: Option<&str>,
 ) -> AnyResult {
     units::progress_done();
     report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
     report.elapsed_s = started.elapsed().as_secs_f64();
-    report.reality_check(path);
+    report.reality_check_with_nic(path, nic);
     report.print_results();
     report.print_comparisons();
     report.print_reality();
@@ -427,5 +448,13 @@ mod tests {
                    sockperf: ---> percentile 50.000 =    7.372\n";
         assert_eq!(parse_sockperf_p50(out), Some(7.372));
         assert_eq!(parse_sockperf_p50("nothing"), None);
+    }
+
+    #[test]
+    fn parses_ethtool_speed() {
+        let out = "Settings for pfs-b0:\n\tSpeed: 10000Mb/s\n\tDuplex: Full\n";
+        assert_eq!(parse_ethtool_speed(out), Some(1.25e9));
+        assert_eq!(parse_ethtool_speed("\tSpeed: Unknown!\n"), None);
+        assert_eq!(parse_ethtool_speed(""), None);
     }
 }

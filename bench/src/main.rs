@@ -438,7 +438,7 @@ fn default_run(a: &RunArgs) -> AnyResult {
     report.memcpy = Some(memcpy::measure(a.duration.min(Duration::from_secs(2))));
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
     report.elapsed_s = started.elapsed().as_secs_f64();
-    report.reality_check("loopback, one process (no NIC involved)");
+    report.reality_check_with_nic("loopback, one process (no NIC involved)", None);
     println!();
     report.print_results();
     report.print_reality();

@@ -110,7 +110,38 @@ pub struct Reality {
     /// best / memcpy.
     pub best_over_memcpy: Option<f64>,
     pub verdict: String,
+    /// The claim, the physical ceilings and the measurements, fastest first, each with
+    /// the best PacketFS transfer as a fraction of it.
+    pub ladder: Vec<Rung>,
 }
+
+/// One step of the reality ladder.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rung {
+    pub name: String,
+    pub bytes_per_s: f64,
+    /// `measured` here, `reference` (a published ceiling), or `claim`.
+    pub kind: &'static str,
+    /// Where the figure comes from.
+    pub source: String,
+    /// best PacketFS transfer / this rung.
+    pub best_over: Option<f64>,
+}
+
+/// Reference ceilings (one direction, decimal units).
+const REFERENCES: &[(&str, f64, &str)] = &[
+    (
+        "12-channel DDR5-4800 memory",
+        460.8e9,
+        "12 channels x 4800 MT/s x 8 bytes",
+    ),
+    (
+        "PCIe 5.0 x16, one direction",
+        63.0e9,
+        "32 GT/s x 16 lanes, 128b/130b",
+    ),
+    ("a 400 Gb/s network link", 50.0e9, "400 Gbit/s / 8"),
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Best {
@@ -151,6 +182,71 @@ impl Report {
             reality: None,
             peak_rss_bytes: None,
             elapsed_s: 0.0,
+        }
+    }
+
+    /// Compute the reality check from the results and memcpy; `nic` is the link the run
+    /// crossed, with its line rate in bytes/s when the driver reports one.
+    pub fn reality_check_with_nic(&mut self, path: &str, nic: Option<(String, Option<f64>)>) {
+        self.reality_check(path);
+        let Some(r) = self.reality.as_mut() else {
+            return;
+        };
+        let best = r.best.as_ref().map(|b| b.bytes_per_s);
+        let over = |x: f64| best.map(|b| b / x);
+        let mut ladder = vec![Rung {
+            name: "manifesto claim (\"4 PB/s\")".into(),
+            bytes_per_s: r.claim_bytes_per_s,
+            kind: "claim",
+            source: "the PacketFS manifesto".into(),
+            best_over: over(r.claim_bytes_per_s),
+        }];
+        for (name, v, how) in REFERENCES {
+            ladder.push(Rung {
+                name: (*name).into(),
+                bytes_per_s: *v,
+                kind: "reference",
+                source: (*how).into(),
+                best_over: over(*v),
+            });
+        }
+        if let Some(m) = r.memcpy_bytes_per_s {
+            ladder.push(Rung {
+                name: "local memcpy, 1 thread".into(),
+                bytes_per_s: m,
+                kind: "measured",
+                source: "this run".into(),
+                best_over: over(m),
+            });
+        }
+        if let Some((dev, Some(rate))) = &nic {
+            ladder.push(Rung {
+                name: format!("line rate of {dev}, as its driver reports it"),
+                bytes_per_s: *rate,
+                kind: "measured",
+                source: format!("ethtool {dev} (what the driver reports)"),
+                best_over: over(*rate),
+            });
+        }
+        if let Some(b) = &r.best {
+            ladder.push(Rung {
+                name: format!(
+                    "best PacketFS ({} {} {})",
+                    b.backend,
+                    b.test.name(),
+                    fmt_size(b.size)
+                ),
+                bytes_per_s: b.bytes_per_s,
+                kind: "measured",
+                source: "this run".into(),
+                best_over: Some(1.0),
+            });
+        }
+        ladder.sort_by(|a, b| b.bytes_per_s.total_cmp(&a.bytes_per_s));
+        r.ladder = ladder;
+        if let Some((dev, None)) = nic {
+            r.verdict
+                .push_str(&format!(" ({dev} reports no line rate)"));
         }
     }
 
@@ -202,6 +298,7 @@ impl Report {
             best,
             memcpy_bytes_per_s: mem,
             verdict,
+            ladder: Vec::new(),
         });
     }
 
@@ -357,6 +454,22 @@ impl Report {
         if let Some(x) = r.best_over_memcpy {
             println!("  {:<34} {:>18.3}", "best PacketFS / local memcpy", x);
         }
+        if !r.ladder.is_empty() {
+            println!("  the ladder (fastest first; best PacketFS as a fraction of each):");
+            for g in &r.ladder {
+                println!(
+                    "    {:<40} {:>18}  {:<9} {}",
+                    g.name,
+                    gbytes(g.bytes_per_s),
+                    g.kind,
+                    g.best_over.map_or("-".to_string(), |x| if x >= 1e-3 {
+                        format!("{x:.3}")
+                    } else {
+                        format!("{x:.1e}")
+                    })
+                );
+            }
+        }
         println!("  verdict: {}", r.verdict);
         if let Some(p) = self.peak_rss_bytes {
             println!(
@@ -407,5 +520,60 @@ mod tests {
         );
         assert_eq!(c.median_ratio, 1.5);
         assert_eq!(c.meets_target, Some(false));
+    }
+
+    #[test]
+    fn the_ladder_is_sorted_and_each_rung_has_its_ratio() {
+        let mut r = Report::new();
+        r.memcpy = Some(crate::memcpy::Memcpy {
+            buffer: 1,
+            copies: 1,
+            gbytes_per_s: 10.0,
+            threads: 1,
+        });
+        r.results.push(crate::scenario::Measurement {
+            backend: "xdp".into(),
+            test: Test::Write,
+            size: 1 << 20,
+            depth: 8,
+            seconds: 1.0,
+            ops: 1,
+            bytes: 1,
+            gbytes_per_s: 1.0,
+            gbit_per_s: 8.0,
+            mops_per_s: 0.0,
+            latency: None,
+            copies_per_byte: None,
+            mode: String::new(),
+            zero_copy_sends: 0,
+            zero_copy_sends_copied: 0,
+            transport: Default::default(),
+        });
+        r.reality_check_with_nic("veth", Some(("pfs-b0".into(), Some(1.25e9))));
+        let ladder = &r.reality.as_ref().unwrap().ladder;
+        let names: Vec<&str> = ladder.iter().map(|g| g.name.as_str()).collect();
+        assert!(names[0].contains("4 PB/s"), "{names:?}");
+        assert!(
+            names.last().unwrap().starts_with("best PacketFS"),
+            "{names:?}"
+        );
+        assert!(
+            ladder
+                .windows(2)
+                .all(|w| w[0].bytes_per_s >= w[1].bytes_per_s)
+        );
+        let rate = ladder.iter().find(|g| g.name.contains("pfs-b0")).unwrap();
+        assert_eq!(rate.best_over, Some(0.8));
+        let mem = ladder.iter().find(|g| g.name.contains("memcpy")).unwrap();
+        assert_eq!(mem.best_over, Some(0.1));
+        // A NIC without a line rate is said to have none.
+        r.reality_check_with_nic("veth", Some(("pfs-b0".into(), None)));
+        assert!(
+            r.reality
+                .as_ref()
+                .unwrap()
+                .verdict
+                .contains("reports no line rate")
+        );
     }
 }

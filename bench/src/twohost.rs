@@ -436,10 +436,15 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             Some(1.0),
         ));
     }
+    let nic = Some((
+        format!("{CLIENT_IF} (veth)"),
+        crate::baseline::line_rate(CLIENT_IF),
+    ));
     crate::baseline::finish(
         report,
         started,
         &format!("two hosts: network namespaces joined by a veth pair, MTU {m}"),
+        nic,
         a.json.as_deref(),
     )
 }
