@@ -2,6 +2,7 @@
 //! manifesto claims.
 
 mod baseline;
+mod info;
 mod memcpy;
 mod report;
 mod scenario;
@@ -50,6 +51,10 @@ enum Cmd {
     /// Interleaved A/B runs against the baseline tools (iperf3, sockperf), ending with
     /// the reality check.
     Compare(baseline::CompareArgs),
+    /// What this machine offers: CPUs, NUMA, huge pages, io_uring, NICs (driver, line
+    /// rate, MTU, queues, XDP, AF_XDP zero-copy, NUMA node), RDMA devices, and whether
+    /// each backend can run here (and if not, why and the fix).
+    Info(InfoArgs),
     /// Bare AF_XDP receiver for `compare --two-hosts` (no protocol): count UDP frames for
     /// a port, print one JSON line.
     #[cfg(feature = "xdp")]
@@ -66,6 +71,17 @@ struct RawSinkArgs {
     port: u16,
     #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
     duration: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+struct InfoArgs {
+    /// Attach the XDP program to this interface and bind AF_XDP sockets (zero-copy
+    /// first), report the mode, and undo it (root; briefly changes the interface).
+    #[arg(long)]
+    probe: Option<String>,
+    /// Also write the findings as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -188,6 +204,7 @@ fn main() -> ExitCode {
         Some(Cmd::Server(a)) => server(&a),
         Some(Cmd::Client(a)) => client(&a),
         Some(Cmd::Compare(a)) => baseline::compare(&a),
+        Some(Cmd::Info(a)) => info::info(a.probe.as_deref(), a.json.as_deref()),
         #[cfg(feature = "xdp")]
         Some(Cmd::RawSink(a)) => {
             signals::die_with_parent();

@@ -150,3 +150,29 @@ fn sigterm_and_sigint_stop_a_server_with_a_line() {
         assert!(err.contains(word) && err.contains("stopping"), "{err}");
     }
 }
+
+#[test]
+fn info_reports_the_machine_and_every_backend() {
+    let (code, out, err) = run(&["info", "--json", "-"]);
+    assert_eq!(code, 0, "{err}");
+    for section in [
+        "machine",
+        "io_uring",
+        "network interfaces",
+        "RDMA devices",
+        "backends",
+    ] {
+        assert!(out.contains(section), "no {section} in {out}");
+    }
+    for backend in ["tcp ", "udp ", "xdp ", "rdma "] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(backend)),
+            "no line for {backend} in {out}"
+        );
+    }
+    // The JSON document follows the text.
+    let json = &out[out.find("\n{").expect("a JSON document") + 1..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("valid JSON");
+    assert!(v["cpus"].as_u64().unwrap() >= 1);
+    assert!(v["backends"]["tcp"].is_object());
+}

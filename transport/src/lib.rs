@@ -115,4 +115,4 @@ pub use key::{KeyOptions, RegionKey, Rights};
 pub use op::{Op, OpOutput, wait_all};
 pub use region::Region;
 pub use stats::Stats;
-pub use sys::{online_cpus, peak_rss_bytes, pin_current_thread};
+pub use sys::{io_uring_support, online_cpus, peak_rss_bytes, pin_current_thread};

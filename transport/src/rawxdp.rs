@@ -184,3 +184,14 @@ pub fn blast(
     c.seconds = t0.elapsed().as_secs_f64();
     Ok(c)
 }
+
+/// Attach the XDP program to `iface` and bind an AF_XDP socket on each queue (zero-copy
+/// first), then undo it all: how the sockets were bound, as a line.
+pub fn probe(iface: &str) -> io::Result<String> {
+    let s = setup(iface, 0)?;
+    let mode = match &s.socks[0].mode {
+        crate::sys::xsk::BindMode::ZeroCopy => "zero-copy mode".to_string(),
+        crate::sys::xsk::BindMode::Copy(why) => format!("copy mode ({why})"),
+    };
+    Ok(format!("{mode} on {} queue(s)", s.socks.len()))
+}

@@ -120,6 +120,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/libelf.h", "libelf-dev"),
     ("/usr/include/zlib.h", "zlib1g-dev"),
     ("/usr/include/pcap/pcap.h", "libpcap-dev"),
+    // pfs-bench info: NUMA placement of NICs through hwloc.
+    ("/usr/include/hwloc.h", "libhwloc-dev"),
+    ("/usr/include/libudev.h", "libudev-dev"),
 ];
 
 fn installed(probe: &str) -> bool {

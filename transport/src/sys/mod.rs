@@ -214,8 +214,46 @@ pub(crate) fn poll_wait(fds: &mut [libc::pollfd], timeout: Duration) -> io::Resu
 }
 
 /// Whether the process runs as root (privileged tests probe this and skip loudly).
-#[cfg(feature = "xdp")]
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether io_uring can be used here, and the ring features this kernel offers (for
+/// `pfs-bench info`). The error names the cause and the fix.
+pub fn io_uring_support() -> Result<Vec<&'static str>, String> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        && v.trim() != "0"
+    {
+        let why = if v.trim() == "2" {
+            "disabled for everyone"
+        } else {
+            "disabled for processes outside the io_uring group"
+        };
+        if v.trim() == "2" || !is_root() {
+            return Err(format!(
+                "io_uring is {why} (sysctl kernel.io_uring_disabled={}): set it to 0",
+                v.trim()
+            ));
+        }
+    }
+    let ring = io_uring::IoUring::new(8).map_err(|e| {
+        format!("io_uring_setup failed: {e} (a seccomp profile or container may block it)")
+    })?;
+    let p = ring.params();
+    let mut f = Vec::new();
+    for (on, name) in [
+        (p.is_feature_nodrop(), "NODROP"),
+        (p.is_feature_submit_stable(), "SUBMIT_STABLE"),
+        (p.is_feature_fast_poll(), "FAST_POLL"),
+        (p.is_feature_ext_arg(), "EXT_ARG"),
+        (p.is_feature_native_workers(), "NATIVE_WORKERS"),
+        (p.is_feature_recvsend_bundle(), "RECVSEND_BUNDLE"),
+        (p.is_feature_min_timeout(), "MIN_TIMEOUT"),
+    ] {
+        if on {
+            f.push(name);
+        }
+    }
+    Ok(f)
 }
