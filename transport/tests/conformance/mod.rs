@@ -727,6 +727,17 @@ pub fn messages_round_trip(f: &Fixture) {
             .expect("message");
         assert_eq!(m, i.to_le_bytes());
     }
+    // The server's sends complete once the client acknowledges them; a caller-driven
+    // client acknowledges only while its caller makes progress, so keep it going.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !ops.iter().all(|o| o.is_done()) {
+        p.client.progress();
+        assert!(
+            Instant::now() < until,
+            "the server's sends were never acknowledged"
+        );
+        std::thread::yield_now();
+    }
     pfs_transport::wait_all(ops).unwrap();
     // Too large is refused before anything is sent.
     let big = vec![0u8; p.client.config().max_message_size + 1];
