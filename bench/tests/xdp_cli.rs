@@ -28,7 +28,8 @@ fn ready() -> bool {
 /// Run `pfs-bench server` for an xdp address inside namespace pfs-a, behind `wrap`
 /// (a privilege- or limit-changing command); returns its exit code and stderr.
 fn server_in_pfs_a(wrap: &[&str], listen: &str) -> (i32, String) {
-    let mut args: Vec<&str> = vec!["--net=/run/netns/pfs-a"];
+    // A server that unexpectedly starts would run forever: 20 s at most.
+    let mut args: Vec<&str> = vec!["--net=/run/netns/pfs-a", "timeout", "20"];
     args.extend_from_slice(wrap);
     args.extend_from_slice(&[
         env!("CARGO_BIN_EXE_pfs-bench"),

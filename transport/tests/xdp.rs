@@ -459,6 +459,9 @@ fn tcpdump_decodes_the_frames_with_correct_checksums() {
         Command::new("nsenter")
             .args([
                 "--net=/run/netns/pfs-a",
+                // Never hang the suite: tcpdump stops after 6 frames or 15 s.
+                "timeout",
+                "15",
                 "tcpdump",
                 "-i",
                 "pfs-a0",
