@@ -25,6 +25,9 @@ pub struct CompareArgs {
     /// Write the results as JSON to this file (`-` for stdout).
     #[arg(long)]
     pub(crate) json: Option<String>,
+    /// Write the results as CSV to this file (`-` for stdout).
+    #[arg(long)]
+    pub(crate) csv: Option<String>,
     /// Between two hosts instead of over loopback: network namespaces pfs-a (servers)
     /// and pfs-b (clients) joined by veth, as `tools/topology.sh up` makes them (root).
     #[arg(long)]
@@ -391,7 +394,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         started,
         "loopback between two processes (no NIC involved)",
         None,
-        a.json.as_deref(),
+        a,
     )
 }
 
@@ -420,7 +423,7 @@ pub(crate) fn finish(
     started: Instant,
     path: &str,
     nic: Option<(String, Option<f64>)>,
-    json: Option<&str>,
+    a: &CompareArgs,
 ) -> AnyResult {
     units::progress_done();
     report.memcpy = Some(memcpy::measure(Duration::from_secs(2)));
@@ -431,8 +434,11 @@ pub(crate) fn finish(
     report.print_comparisons();
     report.print_reality();
     println!("  run time: {:.1} s", report.elapsed_s);
-    if let Some(j) = json {
+    if let Some(j) = &a.json {
         report.write_json(j)?;
+    }
+    if let Some(c) = &a.csv {
+        report.write_csv(c)?;
     }
     Ok(())
 }

@@ -95,6 +95,9 @@ struct RunArgs {
     /// Write the results as JSON to this file (`-` for stdout).
     #[arg(long)]
     json: Option<String>,
+    /// Write the results as CSV to this file (`-` for stdout), one row per measurement.
+    #[arg(long)]
+    csv: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -154,6 +157,9 @@ struct ClientArgs {
     /// Write the results as JSON to this file (`-` for stdout).
     #[arg(long)]
     json: Option<String>,
+    /// Write the results as CSV to this file (`-` for stdout).
+    #[arg(long)]
+    csv: Option<String>,
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -463,6 +469,9 @@ fn default_run(a: &RunArgs) -> AnyResult {
     if let Some(j) = &a.json {
         report.write_json(j)?;
     }
+    if let Some(c) = &a.csv {
+        report.write_csv(c)?;
+    }
     Ok(())
 }
 
@@ -593,6 +602,9 @@ fn client(a: &ClientArgs) -> AnyResult {
     report.print_results();
     if let Some(j) = &a.json {
         report.write_json(j)?;
+    }
+    if let Some(c) = &a.csv {
+        report.write_csv(c)?;
     }
     Ok(())
 }

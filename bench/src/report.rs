@@ -479,6 +479,51 @@ impl Report {
         }
     }
 
+    /// The results as CSV: one row per measurement, the columns of
+    /// `docs/bench-json.md`'s Measurement (latency columns empty for bandwidth runs).
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from(
+            "backend,test,size,depth,seconds,ops,bytes,gbytes_per_s,gbit_per_s,mops_per_s,\
+             samples,p50_us,p90_us,p99_us,p999_us,max_us,copies_per_byte,mode\n",
+        );
+        let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
+        for m in &self.results {
+            let l = m.latency.as_ref();
+            let mode = m.mode.replace('"', "\"\"");
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"\n",
+                m.backend,
+                m.test.name(),
+                m.size,
+                m.depth,
+                m.seconds,
+                m.ops,
+                m.bytes,
+                m.gbytes_per_s,
+                m.gbit_per_s,
+                m.mops_per_s,
+                l.map_or(String::new(), |l| l.samples.to_string()),
+                opt(l.map(|l| l.p50_us)),
+                opt(l.map(|l| l.p90_us)),
+                opt(l.map(|l| l.p99_us)),
+                opt(l.map(|l| l.p999_us)),
+                opt(l.map(|l| l.max_us)),
+                opt(m.copies_per_byte),
+                mode
+            ));
+        }
+        out
+    }
+
+    pub fn write_csv(&self, path: &str) -> std::io::Result<()> {
+        if path == "-" {
+            print!("{}", self.to_csv());
+            Ok(())
+        } else {
+            std::fs::write(path, self.to_csv())
+        }
+    }
+
     pub fn write_json(&self, path: &str) -> std::io::Result<()> {
         let s = serde_json::to_string_pretty(self).expect("report serialises");
         if path == "-" {

@@ -445,6 +445,6 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         started,
         &format!("two hosts: network namespaces joined by a veth pair, MTU {m}"),
         nic,
-        a.json.as_deref(),
+        a,
     )
 }

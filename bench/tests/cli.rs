@@ -76,14 +76,29 @@ fn json_output_follows_the_schema() {
     let dir = std::env::temp_dir().join(format!("pfs-bench-json-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("run.json");
+    let csv = dir.join("run.csv");
     let (code, stdout, stderr) = run(&[
         "run",
         "--duration",
         "200ms",
         "--json",
         file.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stderr}");
+    // The CSV has a header and one row per result, all with the same number of fields.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert!(rows[0].starts_with("backend,test,size,depth,"), "{text}");
+    let columns = rows[0].split(',').count();
+    assert!(rows.len() > 1, "{text}");
+    for r in &rows[1..] {
+        // The last column (mode) is quoted and may hold commas.
+        let (head, mode) = r.split_once(",\"").expect("a quoted mode column");
+        assert_eq!(head.split(',').count() + 1, columns, "{r}");
+        assert!(mode.ends_with('"'), "{r}");
+    }
     assert!(stdout.contains("Reality check"), "{stdout}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
