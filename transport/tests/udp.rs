@@ -2,30 +2,13 @@
 
 mod conformance;
 
-use std::net::UdpSocket;
-use std::time::Duration;
 
 use conformance::{Fixture, Mode};
 use pfs_transport::Address;
 
 /// Send one raw datagram to a listener and collect whatever comes back for a moment.
 fn raw_garbage(addr: &Address, bytes: &[u8]) -> Option<Vec<u8>> {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let n = bytes.len().min(1400);
-    s.send_to(&bytes[..n], addr.socket_addr()).unwrap();
-    let mut buf = vec![0u8; 2048];
-    let reply = match s.recv_from(&mut buf) {
-        Ok((k, _)) => buf[..k].to_vec(),
-        Err(_) => Vec::new(),
-    };
-    // Datagram backends answer garbage with silence (or a RESET), never text.
-    Some(if reply.first() == Some(&1) {
-        Vec::new()
-    } else {
-        reply
-    })
+    conformance::udp_garbage("127.0.0.1:0", addr, bytes)
 }
 
 fn large() -> usize {

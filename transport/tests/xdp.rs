@@ -78,21 +78,7 @@ fn init() {
 
 fn raw_garbage(addr: &Address, bytes: &[u8]) -> Option<Vec<u8>> {
     enter(Side::Client);
-    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let n = bytes.len().min(1400);
-    s.send_to(&bytes[..n], addr.socket_addr()).unwrap();
-    let mut buf = vec![0u8; 2048];
-    let reply = match s.recv_from(&mut buf) {
-        Ok((k, _)) => buf[..k].to_vec(),
-        Err(_) => Vec::new(),
-    };
-    Some(if reply.first() == Some(&1) {
-        Vec::new()
-    } else {
-        reply
-    })
+    conformance::udp_garbage("0.0.0.0:0", addr, bytes)
 }
 
 fn xdp(mode: Mode) -> Fixture {

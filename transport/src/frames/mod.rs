@@ -67,7 +67,11 @@ pub(crate) trait Driver: Send {
     /// A handle that interrupts [`wait`](Driver::wait).
     fn waker(&self) -> Arc<dyn Wake>;
     /// Random bits for connection ids and first packet numbers (seeded in simulation).
-    fn random_u32(&mut self) -> u32;
+    fn random_u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        let _ = getrandom::fill(&mut b);
+        u32::from_le_bytes(b)
+    }
     /// The local address datagrams come from.
     fn local_addr(&self) -> SocketAddr;
     /// One line on how the driver is set up.

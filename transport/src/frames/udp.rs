@@ -327,12 +327,6 @@ impl Driver for UdpDriver {
         self.wake.clone()
     }
 
-    fn random_u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        let _ = getrandom::fill(&mut b);
-        u32::from_le_bytes(b)
-    }
-
     fn local_addr(&self) -> SocketAddr {
         self.local
     }

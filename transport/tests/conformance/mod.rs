@@ -91,6 +91,27 @@ pub fn same_address(a: &pfs_transport::Address, _: usize) -> String {
 /// `enter` for single-host backends.
 pub fn stay(_: Side) {}
 
+/// `raw_garbage` for the datagram backends: one raw datagram from a kernel UDP socket
+/// bound to `bind`, and whatever comes back for a moment. Datagram backends answer
+/// garbage with silence (or a RESET, reported as nothing), never text.
+pub fn udp_garbage(bind: &str, addr: &pfs_transport::Address, bytes: &[u8]) -> Option<Vec<u8>> {
+    let s = std::net::UdpSocket::bind(bind).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let n = bytes.len().min(1400);
+    s.send_to(&bytes[..n], addr.socket_addr()).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let reply = match s.recv_from(&mut buf) {
+        Ok((k, _)) => buf[..k].to_vec(),
+        Err(_) => Vec::new(),
+    };
+    Some(if reply.first() == Some(&1) {
+        Vec::new()
+    } else {
+        reply
+    })
+}
+
 /// A connected pair of endpoints.
 pub struct Pair {
     pub server: Endpoint,
