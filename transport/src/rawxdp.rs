@@ -51,18 +51,9 @@ fn setup(iface: &str, port: u16) -> io::Result<Setup> {
         .ipv4
         .ok_or_else(|| other(format!("{iface} has no IPv4 address")))?;
     let reserve = std::net::UdpSocket::bind((ip, port))?;
-    let frags = info.mtu > 3506;
-    let attach = prog::attach(iface, info.index, frags).map_err(other)?;
-    let mut socks = Vec::new();
-    for q in 0..info.queues {
-        let x = Xsk::open(iface, q, false, frags, info.mtu as usize + 14)?;
-        attach.prog.set_socket(q, x.fd()).map_err(other)?;
-        socks.push(x);
-    }
-    attach
-        .prog
-        .add_port(reserve.local_addr()?.port())
-        .map_err(other)?;
+    let frags = info.mtu > crate::xdp::SINGLE_BUFFER_MTU;
+    let (attach, socks) =
+        crate::xdp::steer(iface, &info, reserve.local_addr()?.port(), frags, false)?;
     Ok(Setup {
         _attach: attach,
         socks,

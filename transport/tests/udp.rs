@@ -2,7 +2,6 @@
 
 mod conformance;
 
-
 use conformance::{Fixture, Mode};
 use pfs_transport::Address;
 

@@ -20,7 +20,8 @@ use crate::sys::xsk::{BindMode, Xsk};
 use crate::sys::{self, EventFd};
 use crate::xdp::frame::{self, Reject, Route};
 use crate::xdp::neigh;
-use crate::xdp::prog::{self, Attachment};
+use crate::xdp::prog::Attachment;
+use crate::xdp::{SINGLE_BUFFER_MTU, steer};
 
 /// Frames taken from each socket per receive call.
 const RX_BATCH: usize = 64;
@@ -106,7 +107,7 @@ impl XdpDriver {
         // Above 3506 bytes a frame no longer fits one buffer on veth (and one 4 KiB UMEM
         // frame here): the multi-buffer program and sockets are needed, and an interface
         // with such an MTU refuses a single-buffer program anyway.
-        let frags = mtu > 3506 || info.mtu > 3506;
+        let frags = mtu as u32 > SINGLE_BUFFER_MTU || info.mtu > SINGLE_BUFFER_MTU;
         if mtu as u32 > info.mtu {
             return Err(err(
                 io::ErrorKind::InvalidInput,
@@ -128,21 +129,7 @@ impl XdpDriver {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!("bound to an IPv4 address"),
         };
-        let attach = prog::attach(iface, info.index, frags)
-            .map_err(|e| err(io::ErrorKind::PermissionDenied, e))?;
-        let mut socks = Vec::new();
-        for q in 0..info.queues {
-            let x = Xsk::open(iface, q, !busy, frags, info.mtu as usize + 14)?;
-            attach
-                .prog
-                .set_socket(q, x.fd())
-                .map_err(|e| err(io::ErrorKind::Other, e))?;
-            socks.push(x);
-        }
-        attach
-            .prog
-            .add_port(local.port())
-            .map_err(|e| err(io::ErrorKind::Other, e))?;
+        let (attach, socks) = steer(iface, &info, local.port(), frags, !busy)?;
         let max_datagram = if frags {
             mtu - 28
         } else {
@@ -152,6 +139,17 @@ impl XdpDriver {
             fd: EventFd::new()?,
             sleeping: AtomicBool::new(false),
         });
+        // What blocking mode waits on: every socket, then the waker.
+        let pollfds = socks
+            .iter()
+            .map(|s| s.fd())
+            .chain([wake.fd.raw()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         Ok(XdpDriver {
             iface: iface.to_string(),
             info,
@@ -168,7 +166,7 @@ impl XdpDriver {
             ip_id: 0,
             big: Vec::new(),
             wake,
-            pollfds: Vec::new(),
+            pollfds,
             drops: XdpDrops::default(),
         })
     }
@@ -307,19 +305,9 @@ impl Driver for XdpDriver {
             .map(|u| u.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_millis(50))
             .min(Duration::from_millis(50));
-        self.pollfds.clear();
-        for s in &self.socks {
-            self.pollfds.push(libc::pollfd {
-                fd: s.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+        for p in &mut self.pollfds {
+            p.revents = 0;
         }
-        self.pollfds.push(libc::pollfd {
-            fd: self.wake.fd.raw(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
         self.wake.sleeping.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         let _ = sys::poll_wait(&mut self.pollfds, max);
