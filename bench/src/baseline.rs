@@ -154,11 +154,12 @@ fn iperf3_server(port: u16) -> AnyResult<Proc> {
     Ok(p)
 }
 
-fn iperf3_command(port: u16, secs: u64) -> Vec<String> {
+/// The iperf3 client command against `server`.
+pub(crate) fn iperf3_command(server: &str, port: u16, secs: u64) -> Vec<String> {
     [
         "iperf3",
         "-c",
-        "127.0.0.1",
+        server,
         "-p",
         &port.to_string(),
         "-t",
@@ -176,8 +177,12 @@ fn iperf3_command(port: u16, secs: u64) -> Vec<String> {
 fn iperf3(secs: u64) -> AnyResult<f64> {
     let port = free_tcp_port()?;
     let _server = iperf3_server(port)?;
-    let cmd = iperf3_command(port, secs);
-    let out = Command::new(&cmd[0]).args(&cmd[1..]).output()?;
+    let cmd = iperf3_command("127.0.0.1", port, secs);
+    iperf3_gbit(&Command::new(&cmd[0]).args(&cmd[1..]).output()?)
+}
+
+/// Gbit/s received, from the output of `iperf3 -J`.
+pub(crate) fn iperf3_gbit(out: &std::process::Output) -> AnyResult<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         format!(
             "iperf3 printed no JSON ({e}): {}",
@@ -193,7 +198,8 @@ fn iperf3(secs: u64) -> AnyResult<f64> {
     Ok(bps / 1e9)
 }
 
-fn sockperf_command(port: u16, secs: u64, tcp: bool) -> Vec<String> {
+/// The sockperf ping-pong client command against `server`.
+pub(crate) fn sockperf_command(server: &str, port: u16, secs: u64, tcp: bool) -> Vec<String> {
     let mut v: Vec<String> = [
         "taskset",
         "-c",
@@ -203,7 +209,7 @@ fn sockperf_command(port: u16, secs: u64, tcp: bool) -> Vec<String> {
         "--nonblocked",
         "--full-rtt",
         "-i",
-        "127.0.0.1",
+        server,
         "-p",
         &port.to_string(),
         "-m",
@@ -252,7 +258,7 @@ fn sockperf(secs: u64, tcp: bool) -> AnyResult<f64> {
             .spawn()?,
     );
     wait_bound(port, !tcp)?;
-    let cmd = sockperf_command(port, secs, tcp);
+    let cmd = sockperf_command("127.0.0.1", port, secs, tcp);
     let out = Command::new(&cmd[0]).args(&cmd[1..]).output()?;
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -335,7 +341,9 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
         &ours("tcp", write_args),
         &format!(
             "{} (server: iperf3 -s -1 -p P -A {})",
-            iperf3_command(0, secs).join(" ").replace("-p 0", "-p P"),
+            iperf3_command("127.0.0.1", 0, secs)
+                .join(" ")
+                .replace("-p 0", "-p P"),
             cpus(false)
         ),
         "Gbit/s",
@@ -379,7 +387,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             &ours(scheme, "--test latency --size 64"),
             &format!(
                 "{} (server: taskset -c {} sockperf server --nonblocked -i 127.0.0.1 -p P{})",
-                sockperf_command(0, secs, tcp).join(" ").replace("-p 0", "-p P"),
+                sockperf_command("127.0.0.1", 0, secs, tcp).join(" ").replace("-p 0", "-p P"),
                 cpus(false),
                 if tcp { " --tcp" } else { "" }
             ),

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use pfs_transport::Address;
 
-use crate::baseline::{CompareArgs, Proc, cpus, need, parse_sockperf_p50};
+use crate::baseline::{
+    CompareArgs, Proc, cpus, iperf3_command, iperf3_gbit, need, parse_sockperf_p50,
+    sockperf_command,
+};
 use crate::report::{Comparison, Report};
 use crate::scenario::Test;
 use crate::{AnyResult, client_measure, units};
@@ -125,24 +128,6 @@ fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
     Ok((child, Address::parse(&dial)?))
 }
 
-fn iperf3_client_cmd(port: u16, secs: u64) -> Vec<String> {
-    [
-        "iperf3",
-        "-c",
-        SERVER_IP,
-        "-p",
-        &port.to_string(),
-        "-t",
-        &secs.to_string(),
-        "-A",
-        cpus(true),
-        "-J",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 fn iperf3(secs: u64) -> AnyResult<f64> {
     let port = free_port();
     let _server = Proc(
@@ -153,40 +138,8 @@ fn iperf3(secs: u64) -> AnyResult<f64> {
             .spawn()?,
     );
     wait_bound(port, false)?;
-    let cmd = iperf3_client_cmd(port, secs);
-    let out = in_ns(CLIENT_NS, &cmd[0]).args(&cmd[1..]).output()?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 printed no JSON ({e})"))?;
-    if let Some(e) = v.get("error") {
-        return Err(format!("iperf3: {e}").into());
-    }
-    Ok(v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or("iperf3 JSON has no end.sum_received.bits_per_second")?
-        / 1e9)
-}
-
-fn sockperf_client_cmd(port: u16, secs: u64) -> Vec<String> {
-    [
-        "taskset",
-        "-c",
-        cpus(true),
-        "sockperf",
-        "ping-pong",
-        "--nonblocked",
-        "--full-rtt",
-        "-i",
-        SERVER_IP,
-        "-p",
-        &port.to_string(),
-        "-m",
-        "64",
-        "-t",
-        &secs.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let cmd = iperf3_command(SERVER_IP, port, secs);
+    iperf3_gbit(&in_ns(CLIENT_NS, &cmd[0]).args(&cmd[1..]).output()?)
 }
 
 fn sockperf_udp(secs: u64) -> AnyResult<f64> {
@@ -209,7 +162,7 @@ fn sockperf_udp(secs: u64) -> AnyResult<f64> {
             .spawn()?,
     );
     wait_bound(port, true)?;
-    let cmd = sockperf_client_cmd(port, secs);
+    let cmd = sockperf_command(SERVER_IP, port, secs, false);
     let out = in_ns(CLIENT_NS, &cmd[0]).args(&cmd[1..]).output()?;
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -335,7 +288,9 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     let write_args = "--test write --size 1M --depth 8";
     let iperf3_cmd = format!(
         "[{CLIENT_NS}] {} (server in {SERVER_NS}: iperf3 -s -1 -p P -A {})",
-        iperf3_client_cmd(0, secs).join(" ").replace("-p 0", "-p P"),
+        iperf3_command(SERVER_IP, 0, secs)
+            .join(" ")
+            .replace("-p 0", "-p P"),
         cpus(false)
     );
 
@@ -427,7 +382,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             &ours(scheme, "--test latency --size 64"),
             &format!(
                 "[{CLIENT_NS}] {} (server in {SERVER_NS}: taskset -c {} sockperf server --nonblocked -i {SERVER_IP} -p P)",
-                sockperf_client_cmd(0, secs).join(" ").replace("-p 0", "-p P"),
+                sockperf_command(SERVER_IP, 0, secs, false).join(" ").replace("-p 0", "-p P"),
                 cpus(false)
             ),
             "µs",
