@@ -71,37 +71,51 @@ fn free_udp_port() -> AnyResult<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Whether a socket is bound to `port` in the kernel's table (`/proc/net/tcp` for
-/// listening TCP sockets, `/proc/net/udp` for UDP), without connecting to it: a probe
-/// connection would be taken by a one-shot server (`iperf3 -s -1`) as its client.
-fn bound(port: u16, udp: bool) -> bool {
-    let (files, state) = if udp {
-        (["/proc/net/udp", "/proc/net/udp6"], "07")
-    } else {
-        (["/proc/net/tcp", "/proc/net/tcp6"], "0A")
-    };
+/// Whether the kernel's socket tables (`/proc/net/tcp{,6}` for listening TCP sockets,
+/// `/proc/net/udp{,6}` for UDP; `text` is their contents) list a socket bound to `port`.
+/// Looking there instead of connecting matters: a probe connection would be taken by a
+/// one-shot server (`iperf3 -s -1`) as its client.
+fn listed(text: &str, port: u16, udp: bool) -> bool {
+    let state = if udp { "07" } else { "0A" };
     let hex = format!(":{port:04X}");
-    files.iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|t| {
-            t.lines().skip(1).any(|l| {
-                let mut it = l.split_whitespace();
-                let local = it.nth(1).unwrap_or("");
-                let st = it.nth(1).unwrap_or("");
-                local.ends_with(&hex) && st == state
-            })
-        })
+    text.lines().any(|l| {
+        let mut it = l.split_whitespace();
+        let local = it.nth(1).unwrap_or("");
+        let st = it.nth(1).unwrap_or("");
+        local.ends_with(&hex) && st == state
     })
 }
 
-fn wait_bound(port: u16, udp: bool) -> AnyResult {
+/// Wait up to 10 s until `port` is bound in the socket tables that `read` returns (given
+/// their paths); `place` says where, for the error.
+pub(crate) fn wait_bound_with(
+    port: u16,
+    udp: bool,
+    place: &str,
+    read: impl Fn(&[&str]) -> String,
+) -> AnyResult {
+    let files: &[&str] = if udp {
+        &["/proc/net/udp", "/proc/net/udp6"]
+    } else {
+        &["/proc/net/tcp", "/proc/net/tcp6"]
+    };
     let until = Instant::now() + Duration::from_secs(10);
-    while !bound(port, udp) {
+    while !listed(&read(files), port, udp) {
         if Instant::now() > until {
-            return Err(format!("nothing bound port {port} within 10 s").into());
+            return Err(format!("nothing bound port {port}{place} within 10 s").into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+fn wait_bound(port: u16, udp: bool) -> AnyResult {
+    wait_bound_with(port, udp, "", |files| {
+        files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .collect()
+    })
 }
 
 pub(crate) fn cpus(client: bool) -> &'static str {
@@ -462,6 +476,21 @@ mod tests {
                    sockperf: ---> percentile 50.000 =    7.372\n";
         assert_eq!(parse_sockperf_p50(out), Some(7.372));
         assert_eq!(parse_sockperf_p50("nothing"), None);
+    }
+
+    #[test]
+    fn finds_listening_sockets_in_the_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue\n\
+                   0: 0100007F:1B58 00000000:0000 0A 00000000:00000000\n\
+                   1: 0100007F:1B59 0100007F:9C40 01 00000000:00000000\n";
+        assert!(listed(tcp, 7000, false));
+        assert!(!listed(tcp, 7001, false), "established, not listening");
+        assert!(
+            !listed(tcp, 7000, true),
+            "a TCP listener is not a bound UDP socket"
+        );
+        let udp = "  sl  local_address rem_address   st\n 5: 00000000:1B58 00000000:0000 07\n";
+        assert!(listed(udp, 7000, true));
     }
 
     #[test]

@@ -55,28 +55,13 @@ fn enter_client_host() -> AnyResult {
 
 /// Wait until something in the server host is bound to `port`.
 fn wait_bound(port: u16, udp: bool) -> AnyResult {
-    let (files, state) = if udp {
-        (["/proc/net/udp", "/proc/net/udp6"], "07")
-    } else {
-        (["/proc/net/tcp", "/proc/net/tcp6"], "0A")
-    };
-    let hex = format!(":{port:04X}");
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = in_ns(SERVER_NS, "cat").args(files).output()?;
-        let t = String::from_utf8_lossy(&out.stdout);
-        let up = t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&hex) && f[3] == state
-        });
-        if up {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            return Err(format!("nothing bound port {port} in {SERVER_NS} within 10 s").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::baseline::wait_bound_with(port, udp, &format!(" in {SERVER_NS}"), |files| {
+        in_ns(SERVER_NS, "cat")
+            .args(files)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    })
 }
 
 /// A port for the next baseline server (runs are sequential; a clash fails loudly).
