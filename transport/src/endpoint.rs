@@ -242,13 +242,25 @@ impl EndpointInner {
             call: "bind",
             source: std::io::Error::new(e.kind(), format!("udp://{bind}: {e}")),
         })?;
+        self.add_dgram(BackendKind::Udp, Box::new(driver), listening, max, None)
+    }
+
+    /// Run the datagram protocol over `driver` as the endpoint's `kind` engine.
+    fn add_dgram(
+        &self,
+        kind: BackendKind,
+        driver: Box<dyn crate::frames::Driver>,
+        listening: bool,
+        max_datagram: usize,
+        iface: Option<String>,
+    ) -> Result<Arc<dyn Engine>> {
         let eng = DgramEngine::new(
             self.core.clone(),
-            BackendKind::Udp,
-            Box::new(driver),
+            kind,
+            driver,
             listening,
-            max,
-            None,
+            max_datagram,
+            iface,
         );
         let e = eng.clone();
         self.add_engine(eng.clone(), Box::new(move |dedicated| e.start(dedicated)))?;
@@ -283,17 +295,13 @@ impl EndpointInner {
         }
         let max = driver.max_datagram();
         tracing::debug!("{}", crate::frames::Driver::describe(&driver));
-        let eng = DgramEngine::new(
-            self.core.clone(),
+        self.add_dgram(
             BackendKind::Xdp,
             Box::new(driver),
             listening,
             max,
             Some(iface.to_string()),
-        );
-        let e = eng.clone();
-        self.add_engine(eng.clone(), Box::new(move |dedicated| e.start(dedicated)))?;
-        Ok(eng)
+        )
     }
 
     /// The engine for `kind`, started on first use.

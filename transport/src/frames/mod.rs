@@ -12,6 +12,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// How long a blocking driver may sleep before `until`: at most 50 ms, so a lost wake-up
+/// costs little.
+pub(crate) fn sleep_budget(until: Option<Instant>) -> std::time::Duration {
+    let cap = std::time::Duration::from_millis(50);
+    until.map_or(cap, |u| {
+        u.saturating_duration_since(Instant::now()).min(cap)
+    })
+}
+
 /// Wakes a driver blocked in [`Driver::wait`] from another thread.
 pub(crate) trait Wake: Send + Sync {
     fn wake(&self);

@@ -305,10 +305,7 @@ impl Driver for UdpDriver {
         if self.busy {
             return;
         }
-        let max = until
-            .map(|u| u.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_millis(50))
-            .min(Duration::from_millis(50));
+        let max = super::sleep_budget(until);
         let efd = self.wake.fd.raw();
         let Some(ring) = self.ring.as_mut() else {
             std::thread::sleep(max.min(Duration::from_millis(1)));

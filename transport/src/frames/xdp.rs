@@ -301,10 +301,7 @@ impl Driver for XdpDriver {
         if self.busy {
             return;
         }
-        let max = until
-            .map(|u| u.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_millis(50))
-            .min(Duration::from_millis(50));
+        let max = super::sleep_budget(until);
         for p in &mut self.pollfds {
             p.revents = 0;
         }
