@@ -42,7 +42,7 @@ struct Setup {
     _attach: std::sync::Arc<prog::Attachment>,
     socks: Vec<Xsk>,
     info: crate::sys::ifc::IfaceInfo,
-    _reserve: std::net::UdpSocket,
+    reserve: std::net::UdpSocket,
 }
 
 fn setup(iface: &str, port: u16) -> io::Result<Setup> {
@@ -58,7 +58,7 @@ fn setup(iface: &str, port: u16) -> io::Result<Setup> {
         _attach: attach,
         socks,
         info,
-        _reserve: reserve,
+        reserve,
     })
 }
 
@@ -115,7 +115,7 @@ pub fn blast(
 ) -> io::Result<RawCount> {
     let mut s = setup(iface, 0)?;
     let ip = s.info.ipv4.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-    let src = SocketAddrV4::new(ip, s._reserve.local_addr()?.port());
+    let src = SocketAddrV4::new(ip, s.reserve.local_addr()?.port());
     let mut tables = neigh::Tables::open()?;
     let hop = tables.next_hop(iface, *dst.ip());
     let mut mac = None;
@@ -123,7 +123,7 @@ pub fn blast(
     while mac.is_none() && Instant::now() < until {
         mac = tables.lookup(iface, hop);
         if mac.is_none() {
-            neigh::provoke(&s._reserve, hop);
+            neigh::provoke(&s.reserve, hop);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
