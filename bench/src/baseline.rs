@@ -195,6 +195,17 @@ fn iperf3(secs: u64) -> AnyResult<f64> {
     iperf3_gbit(&Command::new(&cmd[0]).args(&cmd[1..]).output()?)
 }
 
+/// One iperf3 TCP stream over loopback: Gbit/s and the command as run.
+pub(crate) fn iperf3_reference(secs: u64) -> AnyResult<(f64, String)> {
+    let cmd = iperf3_command("127.0.0.1", 0, secs)
+        .join(" ")
+        .replace("-p 0", "-p P");
+    Ok((
+        iperf3(secs)?,
+        format!("{cmd} (server: iperf3 -s -1 -p P -A {})", cpus(false)),
+    ))
+}
+
 /// Gbit/s received, from the output of `iperf3 -J`.
 pub(crate) fn iperf3_gbit(out: &std::process::Output) -> AnyResult<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -456,12 +467,7 @@ pub(crate) fn finish(
     report.print_comparisons();
     report.print_reality();
     println!("  run time: {:.1} s", report.elapsed_s);
-    if let Some(j) = &a.json {
-        report.write_json(j)?;
-    }
-    if let Some(c) = &a.csv {
-        report.write_csv(c)?;
-    }
+    report.write_outputs(a.json.as_deref(), a.csv.as_deref())?;
     Ok(())
 }
 

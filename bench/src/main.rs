@@ -4,9 +4,11 @@
 mod baseline;
 mod info;
 mod memcpy;
+mod plot;
 mod report;
 mod scenario;
 mod signals;
+mod sweep;
 mod twohost;
 mod units;
 
@@ -51,6 +53,14 @@ enum Cmd {
     /// Interleaved A/B runs against the baseline tools (iperf3, sockperf), ending with
     /// the reality check.
     Compare(baseline::CompareArgs),
+    /// Sweeps, perftest's `-a` style: write bandwidth and latency over message sizes (2 B
+    /// to 8 MiB) on one connection, and write bandwidth over 1 to 64 connections at 64
+    /// KiB, for every backend; over loopback, or between two hosts with --two-hosts.
+    Sweep(sweep::SweepArgs),
+    /// Draw a JSON result document (from sweep, run, compare or client --json) as an
+    /// SVG or PNG: bandwidth and latency over message size, latency CDFs, bandwidth over
+    /// connections, with memcpy, iperf3 and line-rate reference lines.
+    Plot(PlotArgs),
     /// What this machine offers: CPUs, NUMA, huge pages, io_uring, NICs (driver, line
     /// rate, MTU, queues, XDP, AF_XDP zero-copy, NUMA node), RDMA devices, and whether
     /// each backend can run here (and if not, why and the fix).
@@ -71,6 +81,15 @@ struct RawSinkArgs {
     port: u16,
     #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
     duration: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+struct PlotArgs {
+    /// A JSON document written by --json.
+    input: String,
+    /// The image to write: .svg or .png.
+    #[arg(short, long)]
+    output: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -162,7 +181,7 @@ struct ClientArgs {
     csv: Option<String>,
 }
 
-fn parse_backend(s: &str) -> Result<BackendKind, String> {
+pub(crate) fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse::<BackendKind>().map_err(|e| e.to_string())
 }
 
@@ -175,7 +194,7 @@ fn parse_addr(s: &str) -> Result<Address, String> {
     Address::parse(&s).map_err(|e| e.to_string())
 }
 
-fn parse_warmup(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_warmup(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
@@ -210,6 +229,8 @@ fn main() -> ExitCode {
         Some(Cmd::Server(a)) => server(&a),
         Some(Cmd::Client(a)) => client(&a),
         Some(Cmd::Compare(a)) => baseline::compare(&a),
+        Some(Cmd::Sweep(a)) => sweep::sweep(&a),
+        Some(Cmd::Plot(a)) => plot::plot(&a.input, &a.output),
         Some(Cmd::Info(a)) => info::info(a.probe.as_deref(), a.json.as_deref()),
         #[cfg(feature = "xdp")]
         Some(Cmd::RawSink(a)) => {
@@ -243,7 +264,7 @@ type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// A server endpoint that hands out region keys on request and drains messages, until
 /// the returned handle is dropped.
-struct ServerLoop {
+pub(crate) struct ServerLoop {
     stop: Arc<AtomicBool>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
@@ -313,7 +334,7 @@ fn serve_conn(ep: &Endpoint, conn: Connection, max_region: u64) {
 }
 
 /// Ask a `pfs-bench server` how many payload bytes it copied in user space so far.
-fn request_copies(conn: &Connection) -> Option<u64> {
+pub(crate) fn request_copies(conn: &Connection) -> Option<u64> {
     conn.send(b"copies").ok()?.wait().ok()?;
     let reply = conn.recv_timeout(Duration::from_secs(10)).ok()??;
     String::from_utf8_lossy(&reply)
@@ -323,7 +344,7 @@ fn request_copies(conn: &Connection) -> Option<u64> {
         .ok()
 }
 
-fn request_region(conn: &Connection, bytes: u64) -> AnyResult<RegionKey> {
+pub(crate) fn request_region(conn: &Connection, bytes: u64) -> AnyResult<RegionKey> {
     conn.send(format!("region {bytes}").as_bytes())?.wait()?;
     let reply = conn
         .recv_timeout(Duration::from_secs(30))?
@@ -340,6 +361,75 @@ fn default_depth(t: Test) -> usize {
         Test::Latency | Test::ReadLatency => 1,
         Test::Atomic => 64,
         _ => 8,
+    }
+}
+
+/// How loopback runs are driven on this machine.
+pub(crate) struct LoopbackMode {
+    server_progress: Progress,
+    server_wait: WaitMode,
+    /// For the report.
+    pub(crate) text: String,
+}
+
+impl LoopbackMode {
+    /// Busy-poll and pin when there are two cores: the server's progress thread on CPU
+    /// 1, the client (driving its own progress, on the calling thread, pinned here) on
+    /// CPU 0. Waking a thread on the other core costs tens of microseconds on small VMs,
+    /// which would otherwise dominate latency.
+    pub(crate) fn detect() -> LoopbackMode {
+        if pfs_transport::online_cpus() >= 2 {
+            let _ = pfs_transport::pin_current_thread(0);
+            LoopbackMode {
+                server_progress: Progress::Thread { cpu: Some(1) },
+                server_wait: WaitMode::BusyPoll,
+                text: "busy-poll; client drives progress on CPU 0, server progress thread on CPU 1"
+                    .into(),
+            }
+        } else {
+            LoopbackMode {
+                server_progress: Progress::Thread { cpu: None },
+                server_wait: WaitMode::Block,
+                text: "1 CPU: server progress thread blocks, client drives progress".into(),
+            }
+        }
+    }
+}
+
+/// A serving endpoint and a caller-driven client endpoint of one backend, both on
+/// loopback in this process. Fields drop in order: client, server loop, server.
+pub(crate) struct Loopback {
+    pub(crate) client: Endpoint,
+    pub(crate) serving: ServerLoop,
+    pub(crate) server: Endpoint,
+}
+
+impl Loopback {
+    pub(crate) fn start(kind: BackendKind, m: &LoopbackMode) -> AnyResult<Loopback> {
+        if let Some(why) = kind.unavailable_reason() {
+            return Err(format!("backend {kind} is not available: {why}").into());
+        }
+        let listen = format!("{}://127.0.0.1:0", kind.scheme());
+        // Loopback carries 64 KiB datagrams: the datagram backends use them.
+        let server = Endpoint::bind(
+            EndpointConfig::new()
+                .listen(&listen)?
+                .progress(m.server_progress.clone())
+                .wait_mode(m.server_wait)
+                .mtu(LOOPBACK_MTU),
+        )?;
+        let serving = spawn_server(&server, 1 << 30);
+        let client = Endpoint::bind(
+            EndpointConfig::new()
+                .progress(Progress::Caller)
+                .wait_mode(WaitMode::BusyPoll)
+                .mtu(LOOPBACK_MTU),
+        )?;
+        Ok(Loopback {
+            client,
+            serving,
+            server,
+        })
     }
 }
 
@@ -378,43 +468,14 @@ fn default_run(a: &RunArgs) -> AnyResult {
             println!("  skipping {k} here: it needs a NIC; see pfs-bench compare --two-hosts");
         }
     }
-    // Busy-poll and pin when there are two cores: the server's progress thread on CPU 1,
-    // the client (driving its own progress) on CPU 0. Waking a thread on the other core
-    // costs tens of microseconds on small VMs, which would otherwise dominate latency.
-    let pinned = cpus >= 2;
-    let (server_progress, server_wait) = if pinned {
-        (Progress::Thread { cpu: Some(1) }, WaitMode::BusyPoll)
-    } else {
-        (Progress::Thread { cpu: None }, WaitMode::Block)
-    };
-    if pinned {
-        let _ = pfs_transport::pin_current_thread(0);
-    }
-    let mode = if pinned {
-        "busy-poll; client drives progress on CPU 0, server progress thread on CPU 1".to_string()
-    } else {
-        "1 CPU: server progress thread blocks, client drives progress".to_string()
-    };
+    let lm = LoopbackMode::detect();
+    let mode = lm.text.clone();
     for kind in backends {
-        if let Some(why) = kind.unavailable_reason() {
-            return Err(format!("backend {kind} is not available: {why}").into());
-        }
-        let listen = format!("{}://127.0.0.1:0", kind.scheme());
-        // Loopback carries 64 KiB datagrams: the datagram backends use them.
-        let server = Endpoint::bind(
-            EndpointConfig::new()
-                .listen(&listen)?
-                .progress(server_progress.clone())
-                .wait_mode(server_wait)
-                .mtu(LOOPBACK_MTU),
-        )?;
-        let serving = spawn_server(&server, 1 << 30);
-        let client = Endpoint::bind(
-            EndpointConfig::new()
-                .progress(Progress::Caller)
-                .wait_mode(WaitMode::BusyPoll)
-                .mtu(LOOPBACK_MTU),
-        )?;
+        let Loopback {
+            client,
+            serving,
+            server,
+        } = Loopback::start(kind, &lm)?;
         let conn = client.connect_addr(&server.local_addrs()[0])?;
         for (side, ep) in [("server", &server), ("client", &client)] {
             for d in ep.describe() {
@@ -466,12 +527,7 @@ fn default_run(a: &RunArgs) -> AnyResult {
     report.print_results();
     report.print_reality();
     println!("  run time: {:.1} s", report.elapsed_s);
-    if let Some(j) = &a.json {
-        report.write_json(j)?;
-    }
-    if let Some(c) = &a.csv {
-        report.write_csv(c)?;
-    }
+    report.write_outputs(a.json.as_deref(), a.csv.as_deref())?;
     Ok(())
 }
 
@@ -600,11 +656,6 @@ fn client(a: &ClientArgs) -> AnyResult {
     report.results.push(m);
     report.peak_rss_bytes = pfs_transport::peak_rss_bytes();
     report.print_results();
-    if let Some(j) = &a.json {
-        report.write_json(j)?;
-    }
-    if let Some(c) = &a.csv {
-        report.write_csv(c)?;
-    }
+    report.write_outputs(a.json.as_deref(), a.csv.as_deref())?;
     Ok(())
 }

@@ -143,6 +143,15 @@ const REFERENCES: &[(&str, f64, &str)] = &[
     ("a 400 Gb/s network link", 50.0e9, "400 Gbit/s / 8"),
 ];
 
+/// A rate measured by another tool in the same run, drawn as a reference line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    pub name: String,
+    pub bytes_per_s: f64,
+    /// The command, exactly as run (ports shown as `P`).
+    pub command: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Best {
     pub backend: String,
@@ -164,6 +173,8 @@ pub struct Report {
     pub memcpy: Option<Memcpy>,
     pub comparisons: Vec<Comparison>,
     pub reality: Option<Reality>,
+    /// Reference rates measured in the same run for plots (e.g. one iperf3 stream).
+    pub references: Vec<Reference>,
     pub peak_rss_bytes: Option<u64>,
     pub elapsed_s: f64,
 }
@@ -180,6 +191,7 @@ impl Report {
             memcpy: None,
             comparisons: Vec::new(),
             reality: None,
+            references: Vec::new(),
             peak_rss_bytes: None,
             elapsed_s: 0.0,
         }
@@ -515,6 +527,17 @@ impl Report {
         out
     }
 
+    /// Write the JSON and CSV forms where asked (`-` for stdout).
+    pub fn write_outputs(&self, json: Option<&str>, csv: Option<&str>) -> std::io::Result<()> {
+        if let Some(j) = json {
+            self.write_json(j)?;
+        }
+        if let Some(c) = csv {
+            self.write_csv(c)?;
+        }
+        Ok(())
+    }
+
     pub fn write_csv(&self, path: &str) -> std::io::Result<()> {
         if path == "-" {
             print!("{}", self.to_csv());
@@ -590,6 +613,8 @@ mod tests {
             latency: None,
             copies_per_byte: None,
             mode: String::new(),
+            connections: 1,
+            sweep: None,
             zero_copy_sends: 0,
             zero_copy_sends_copied: 0,
             transport: Default::default(),

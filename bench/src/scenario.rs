@@ -63,6 +63,9 @@ pub struct Latency {
     pub p999_us: f64,
     pub max_us: f64,
     pub mean_us: f64,
+    /// The distribution as `[quantile, µs]` points for CDF plots: every 5% up to 0.95,
+    /// then quarter-nine steps (0.944, 0.968, 0.982, 0.99, … 0.9999), then 1 (the maximum).
+    pub cdf: Vec<[f64; 2]>,
 }
 
 impl Latency {
@@ -77,8 +80,26 @@ impl Latency {
             p999_us: us(h.value_at_quantile(0.999)),
             max_us: us(h.max()),
             mean_us: h.mean() / 1000.0,
+            cdf: cdf_points(h),
         }
     }
+}
+
+/// Quantiles at which a CDF is sampled: dense in the body, then ever closer to 1
+/// (each step a quarter of the way in "nines"), ending at the maximum.
+fn cdf_points(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut qs: Vec<f64> = (0..20).map(|i| f64::from(i) / 20.0).collect();
+    // 0.944 … 0.9999 in quarter-nine steps: 1 - 10^-(1.25, 1.5, …, 4).
+    qs.extend((5..=16).map(|i| 1.0 - 10f64.powf(-f64::from(i) / 4.0)));
+    let mut out: Vec<[f64; 2]> = qs
+        .into_iter()
+        .map(|q| [q, h.value_at_quantile(q) as f64 / 1000.0])
+        .collect();
+    out.push([1.0, h.max() as f64 / 1000.0]);
+    out
 }
 
 /// The result of one run.
@@ -101,12 +122,53 @@ pub struct Measurement {
     pub copies_per_byte: Option<f64>,
     /// How the run was driven (progress, pinning).
     pub mode: String,
+    /// Connections the operations were spread over (each with `depth` in flight).
+    pub connections: usize,
+    /// The sweep this point belongs to: `size` or `connections` (absent outside sweeps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<&'static str>,
     /// Zero-copy sends completed, and how many of them the kernel copied after all
     /// (both 0 unless the client asked for zero-copy sends).
     pub zero_copy_sends: u64,
     pub zero_copy_sends_copied: u64,
     /// The client endpoint's transport counters over the run, warm-up included.
     pub transport: TransportCounters,
+}
+
+impl Measurement {
+    /// `ops` operations of `p.size` bytes in `secs` seconds, on one connection, with
+    /// no latency, copy or zero-copy figures (callers add what they measured).
+    fn rates(
+        backend: String,
+        p: Params,
+        ops: u64,
+        secs: f64,
+        mode: &str,
+        transport: TransportCounters,
+    ) -> Measurement {
+        let bytes = ops * p.size;
+        let bps = bytes as f64 / secs;
+        Measurement {
+            backend,
+            test: p.test,
+            size: p.size,
+            depth: p.depth,
+            seconds: secs,
+            ops,
+            bytes,
+            gbytes_per_s: bps / 1e9,
+            gbit_per_s: bps * 8.0 / 1e9,
+            mops_per_s: ops as f64 / secs / 1e6,
+            latency: None,
+            copies_per_byte: None,
+            mode: mode.to_string(),
+            connections: 1,
+            sweep: None,
+            zero_copy_sends: 0,
+            zero_copy_sends_copied: 0,
+            transport,
+        }
+    }
 }
 
 /// What the transport did besides moving payload: nonzero retransmissions or drops on
@@ -219,8 +281,6 @@ impl Client<'_> {
         let after = self.ep.stats();
         let peer_after = self.peer_copies.as_ref().map(|f| f());
         let size = if p.test == Test::Atomic { 8 } else { p.size };
-        let bytes = ops * size;
-        let bps = bytes as f64 / secs;
         let copies = match p.test {
             Test::Atomic => None,
             _ => {
@@ -243,24 +303,18 @@ impl Client<'_> {
                 })
             }
         };
-        Ok(Measurement {
-            backend: self.conn.backend().to_string(),
-            test: p.test,
-            size,
-            depth: p.depth,
-            seconds: secs,
+        let mut m = Measurement::rates(
+            self.conn.backend().to_string(),
+            Params { size, ..*p },
             ops,
-            bytes,
-            gbytes_per_s: bps / 1e9,
-            gbit_per_s: bps * 8.0 / 1e9,
-            mops_per_s: ops as f64 / secs / 1e6,
-            latency: None,
-            copies_per_byte: copies,
-            mode: self.mode.clone(),
-            zero_copy_sends: after.zero_copy_sends - before.zero_copy_sends,
-            zero_copy_sends_copied: after.zero_copy_sends_copied - before.zero_copy_sends_copied,
-            transport: TransportCounters::between(&before, &after),
-        })
+            secs,
+            &self.mode,
+            TransportCounters::between(&before, &after),
+        );
+        m.copies_per_byte = copies;
+        m.zero_copy_sends = after.zero_copy_sends - before.zero_copy_sends;
+        m.zero_copy_sends_copied = after.zero_copy_sends_copied - before.zero_copy_sends_copied;
+        Ok(m)
     }
 
     fn latency(&self, p: &Params) -> pfs_transport::Result<Measurement> {
@@ -291,23 +345,88 @@ impl Client<'_> {
         }
         let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let ops = hist.len();
-        Ok(Measurement {
-            backend: self.conn.backend().to_string(),
-            test: p.test,
-            size: p.size,
-            depth: 1,
-            seconds: secs,
+        let mut m = Measurement::rates(
+            self.conn.backend().to_string(),
+            Params { depth: 1, ..*p },
             ops,
-            bytes: ops * p.size,
-            gbytes_per_s: (ops * p.size) as f64 / secs / 1e9,
-            gbit_per_s: (ops * p.size) as f64 * 8.0 / secs / 1e9,
-            mops_per_s: ops as f64 / secs / 1e6,
-            latency: Some(Latency::from_hist(&hist)),
-            copies_per_byte: None,
-            mode: self.mode.clone(),
-            zero_copy_sends: 0,
-            zero_copy_sends_copied: 0,
-            transport: TransportCounters::between(&before, &self.ep.stats()),
-        })
+            secs,
+            &self.mode,
+            TransportCounters::between(&before, &self.ep.stats()),
+        );
+        m.latency = Some(Latency::from_hist(&hist));
+        Ok(m)
     }
+}
+
+/// Write (or read) bandwidth over several connections of one endpoint at once, each
+/// keeping `p.depth` operations in flight on its own region: perftest's `-q N`. One
+/// thread drives them all (the endpoint's progress is caller-driven), completing
+/// operations in submission order and refilling the connection that finished.
+pub fn multi_throughput(
+    ep: &Endpoint,
+    targets: &[(Connection, RegionKey)],
+    p: &Params,
+    mode: &str,
+) -> pfs_transport::Result<Measurement> {
+    let span = targets
+        .iter()
+        .map(|(_, k)| k.len())
+        .min()
+        .unwrap_or(0)
+        .min(256 << 20);
+    let slots = (span / p.size).max(1);
+    let local = ep.alloc_region((span.max(p.size)) as usize, Rights::ALL)?;
+    let before = ep.stats();
+    let submit = |c: usize, i: u64| {
+        let (conn, key) = &targets[c];
+        let off = (i % slots) * p.size;
+        match p.test {
+            Test::Read | Test::ReadLatency => conn.read(&local, off, key, off, p.size),
+            _ => conn.write(&local, off, key, off, p.size),
+        }
+    };
+    let mut inflight: VecDeque<(usize, Op<()>)> = VecDeque::new();
+    let mut next = vec![0u64; targets.len()];
+    for _ in 0..p.depth {
+        for (c, n) in next.iter_mut().enumerate() {
+            inflight.push_back((c, submit(c, *n)?));
+            *n += 1;
+        }
+    }
+    let start = Instant::now();
+    let measure_from = start + p.warmup;
+    let end = measure_from + p.duration;
+    let mut ops = 0u64;
+    let mut t0 = None;
+    while let Some((c, op)) = inflight.pop_front() {
+        op.wait()?;
+        let now = Instant::now();
+        if now >= measure_from && t0.is_none() {
+            t0 = Some(now);
+            ops = 0;
+        }
+        ops += 1;
+        if now < end {
+            inflight.push_back((c, submit(c, next[c])?));
+            next[c] += 1;
+        } else {
+            break;
+        }
+    }
+    let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    for (_, op) in inflight {
+        op.wait()?;
+    }
+    let mut m = Measurement::rates(
+        targets
+            .first()
+            .map_or(String::new(), |(c, _)| c.backend().to_string()),
+        *p,
+        ops,
+        secs,
+        mode,
+        TransportCounters::between(&before, &ep.stats()),
+    );
+    m.connections = targets.len();
+    Ok(m)
 }

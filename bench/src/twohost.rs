@@ -73,7 +73,7 @@ fn free_port() -> u16 {
 }
 
 /// `pfs-bench server` in the server host; returns the address the client dials.
-fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
+pub(crate) fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
     let exe = std::env::current_exe()?;
     let listen = match scheme {
         "xdp" => format!("xdp://{SERVER_IF}/{SERVER_IP}:0"),
@@ -211,7 +211,9 @@ pub(crate) fn raw_sink(iface: &str, port: u16, duration: Duration) -> AnyResult 
     Ok(())
 }
 
-pub fn compare(a: &CompareArgs) -> AnyResult {
+/// Check that the two hosts exist and this process may use them, then move this
+/// process's thread into the client host and pin it to CPU 0.
+pub(crate) fn prepare(mtu: u32) -> AnyResult {
     // SAFETY: geteuid has no preconditions.
     #[allow(unsafe_code)]
     let root = unsafe { libc::geteuid() } == 0;
@@ -227,18 +229,46 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             .into());
         }
     }
-    need("iperf3", "iperf3")?;
-    need("sockperf", "sockperf")?;
     need("nsenter", "util-linux")?;
-    crate::LINK_MTU.store(a.mtu as usize, std::sync::atomic::Ordering::Relaxed);
-    let started = Instant::now();
-    let secs = a.duration.as_secs().max(1);
-    let dur = Duration::from_secs(secs);
-    let warm = Duration::from_millis(300);
+    crate::LINK_MTU.store(mtu as usize, std::sync::atomic::Ordering::Relaxed);
     enter_client_host()?;
     if pfs_transport::online_cpus() >= 2 {
         pfs_transport::pin_current_thread(0)?;
     }
+    Ok(())
+}
+
+/// The client host's NIC and the line rate its driver reports.
+pub(crate) fn nic() -> (String, Option<f64>) {
+    (
+        format!("{CLIENT_IF} (veth)"),
+        crate::baseline::line_rate(CLIENT_IF),
+    )
+}
+
+/// One iperf3 TCP stream from the client host to the server host: Gbit/s and the
+/// command as run.
+pub(crate) fn iperf3_reference(secs: u64) -> AnyResult<(f64, String)> {
+    let cmd = iperf3_command(SERVER_IP, 0, secs)
+        .join(" ")
+        .replace("-p 0", "-p P");
+    Ok((
+        iperf3(secs)?,
+        format!(
+            "[{CLIENT_NS}] {cmd} (server in {SERVER_NS}: iperf3 -s -1 -p P -A {})",
+            cpus(false)
+        ),
+    ))
+}
+
+pub fn compare(a: &CompareArgs) -> AnyResult {
+    need("iperf3", "iperf3")?;
+    need("sockperf", "sockperf")?;
+    prepare(a.mtu)?;
+    let started = Instant::now();
+    let secs = a.duration.as_secs().max(1);
+    let dur = Duration::from_secs(secs);
+    let warm = Duration::from_millis(300);
     let mode = format!(
         "busy-poll; client in pfs-b on CPU 0 drives progress, server in pfs-a on CPU 1 (veth \
          pair, MTU {})",
@@ -283,6 +313,8 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
     if xdp {
         schemes.push("xdp");
     }
+    // Only the xdp build fills the last two.
+    #[cfg_attr(not(feature = "xdp"), allow(unused_mut))]
     let (mut tcp_iperf, mut udp_iperf, mut xdp_iperf, mut xdp_raw) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.pairs {
@@ -376,10 +408,7 @@ pub fn compare(a: &CompareArgs) -> AnyResult {
             Some(1.0),
         ));
     }
-    let nic = Some((
-        format!("{CLIENT_IF} (veth)"),
-        crate::baseline::line_rate(CLIENT_IF),
-    ));
+    let nic = Some(nic());
     crate::baseline::finish(
         report,
         started,

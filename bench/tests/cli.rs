@@ -191,3 +191,148 @@ fn info_reports_the_machine_and_every_backend() {
     assert!(v["cpus"].as_u64().unwrap() >= 1);
     assert!(v["backends"]["tcp"].is_object());
 }
+
+/// A small sweep (tcp, 2 B to 8 B, 1 and 2 connections) writes a document that `plot`
+/// draws as SVG and PNG; its points carry the sweep they belong to and latency CDFs.
+#[test]
+fn a_sweep_is_plotted_as_svg_and_png() {
+    let dir = std::env::temp_dir().join(format!("pfs-bench-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("sweep.json");
+    let (code, stdout, stderr) = run(&[
+        "sweep",
+        "--backend",
+        "tcp",
+        "--max-size",
+        "8",
+        "--max-connections",
+        "2",
+        "--duration",
+        "50ms",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // One plain line per point in a pipe: 3 sizes x (bandwidth, latency) + 2 counts.
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains(" conn  depth "))
+            .count(),
+        8,
+        "{stdout}"
+    );
+    assert!(stdout.contains("n½"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    let sizes: Vec<u64> = results
+        .iter()
+        .filter(|m| m["sweep"] == "size" && m["latency"].is_null())
+        .map(|m| m["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![2, 4, 8]);
+    let conns: Vec<u64> = results
+        .iter()
+        .filter(|m| m["sweep"] == "connections")
+        .map(|m| m["connections"].as_u64().unwrap())
+        .collect();
+    assert_eq!(conns, vec![1, 2]);
+    let cdf = results
+        .iter()
+        .find_map(|m| m["latency"]["cdf"].as_array())
+        .expect("a latency CDF");
+    assert_eq!(cdf.last().unwrap()[0], 1.0);
+    for ext in ["svg", "png"] {
+        let out = dir.join(format!("sweep.{ext}"));
+        let (code, stdout, stderr) =
+            run(&["plot", json.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let bytes = std::fs::read(&out).unwrap();
+        if ext == "svg" {
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(text.contains("write bandwidth over message size"));
+            assert!(text.contains("tcp write"), "a legend entry per backend");
+        } else {
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_sweep_and_plot_input_is_named() {
+    let dir = std::env::temp_dir().join(format!("pfs-bench-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_json = dir.join("x.json");
+    std::fs::write(&not_json, "hello").unwrap();
+    let other = dir.join("y.json");
+    std::fs::write(&other, r#"{"a": 1}"#).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "sweep".into(),
+                "--min-size".into(),
+                "1M".into(),
+                "--max-size".into(),
+                "4K".into(),
+            ],
+            "swap them",
+        ),
+        (
+            vec!["sweep".into(), "--max-size".into(), "1G".into()],
+            "largest message",
+        ),
+        (
+            vec!["sweep".into(), "--backend".into(), "xdp".into()],
+            "--two-hosts",
+        ),
+        (
+            vec![
+                "plot".into(),
+                dir.join("missing.json").display().to_string(),
+                "-o".into(),
+                "a.svg".into(),
+            ],
+            "cannot read",
+        ),
+        (
+            vec![
+                "plot".into(),
+                not_json.display().to_string(),
+                "-o".into(),
+                "a.svg".into(),
+            ],
+            "is not JSON",
+        ),
+        (
+            vec![
+                "plot".into(),
+                other.display().to_string(),
+                "-o".into(),
+                "a.svg".into(),
+            ],
+            "not a pfs-bench result document",
+        ),
+        (
+            vec![
+                "plot".into(),
+                other.display().to_string(),
+                "-o".into(),
+                "a.jpg".into(),
+            ],
+            "name it .svg or .png",
+        ),
+    ];
+    for (args, hint) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = run(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(hint), "{args:?}: {stderr:?} lacks {hint:?}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

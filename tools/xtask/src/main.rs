@@ -123,6 +123,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // pfs-bench info: NUMA placement of NICs through hwloc.
     ("/usr/include/hwloc.h", "libhwloc-dev"),
     ("/usr/include/libudev.h", "libudev-dev"),
+    // pfs-bench plot: the font its text is drawn with.
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 fn installed(probe: &str) -> bool {
@@ -195,6 +200,29 @@ fn bench_binary() -> String {
         .into_owned()
 }
 
+/// `pfs-bench sweep` (sizes 2 B to 8 MiB, 1 to 64 connections) into `out/NAME.json`,
+/// drawn as `out/NAME.svg` and `out/NAME.png`.
+fn sweep(bin: &str, out: &Path, name: &str, extra: &[&str], quick: bool) -> R {
+    let json = out
+        .join(format!("{name}.json"))
+        .to_string_lossy()
+        .into_owned();
+    let mut args = vec!["sweep", "--json", &json];
+    if quick {
+        args.extend(["--duration", "100ms", "--warmup", "20ms"]);
+    }
+    args.extend(extra);
+    run(bin, &args)?;
+    for ext in ["svg", "png"] {
+        let img = out
+            .join(format!("{name}.{ext}"))
+            .to_string_lossy()
+            .into_owned();
+        run(bin, &["plot", &json, "-o", &img])?;
+    }
+    Ok(())
+}
+
 fn bench(quick: bool) -> R {
     let t = Instant::now();
     deps()?;
@@ -228,6 +256,7 @@ fn bench(quick: bool) -> R {
             &cmp_json.to_string_lossy(),
         ],
     )?;
+    sweep(&bin, &out, "sweep", &[], quick)?;
     // Two hosts, one NIC each: network namespaces joined by veth, every backend (xdp
     // included) and the baselines, plus bare AF_XDP as the ceiling.
     let two_json = out.join("compare-two-hosts.json");
@@ -260,6 +289,13 @@ fn bench(quick: bool) -> R {
                     &json.to_string_lossy(),
                 ],
             );
+            let r = r.and_then(|()| {
+                if *mtu == "1500" {
+                    sweep(&bin, &out, "sweep-two-hosts", &["--two-hosts"], quick)
+                } else {
+                    Ok(())
+                }
+            });
             if r.is_err() {
                 let _ = run(&topo, &["down"]);
             }
@@ -273,11 +309,13 @@ fn bench(quick: bool) -> R {
         );
     }
     println!(
-        "\nmain job finished in {:.0} s; JSON in {}, {} and {}",
+        "\nmain job finished in {:.0} s; JSON in {}, {} and {}; sweeps and their plots \
+         (sweep*.json, .svg, .png) in {}",
         t.elapsed().as_secs_f64(),
         run_json.display(),
         cmp_json.display(),
-        two_json.display()
+        two_json.display(),
+        out.display()
     );
     Ok(())
 }
