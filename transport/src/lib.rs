@@ -89,6 +89,9 @@
 
 mod addr;
 mod backend;
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod bench_internals;
 mod config;
 mod endpoint;
 mod error;

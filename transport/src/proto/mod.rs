@@ -1034,7 +1034,7 @@ impl Conn {
     }
 
     /// Whether everything queued was sent and acknowledged.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "bench-internals"))]
     pub(crate) fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.sent.is_empty()
     }

@@ -1,0 +1,265 @@
+//! Entry points for the criterion benchmarks in `benches/` (cargo feature
+//! `bench-internals`): the datagram protocol engine and the UDP frame driver, measured
+//! without the rest of the stack. Not part of the API: it may change in any release.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::frames::Driver;
+use crate::frames::udp::UdpDriver;
+use crate::proto::packet::{Kind, Packet};
+use crate::proto::{Config, Conn, OutMsg, Payload, Sink, State};
+use crate::wire::{Body, Header};
+
+/// Counts what it is given.
+#[derive(Default)]
+struct Count {
+    messages: usize,
+    bytes: usize,
+}
+
+impl Sink for Count {
+    fn can_accept(&mut self, _: &[(Header, &[u8])]) -> bool {
+        true
+    }
+    fn deliver(&mut self, h: Header, payload: &[u8]) {
+        if !matches!(h.body, Body::Ping) {
+            self.messages += 1;
+            self.bytes += payload.len();
+        }
+    }
+}
+
+/// Two protocol connections wired back to back in memory, on a virtual clock that jumps
+/// to the next timer when nothing is in flight: what is measured is the protocol's own
+/// work per datagram (segmenting, header encoding, ACK processing, loss detection,
+/// delivery), with no socket and no sleeping.
+#[allow(missing_debug_implementations)]
+pub struct ProtoPair {
+    a: Conn,
+    b: Conn,
+    now: Instant,
+    wire: VecDeque<(bool, Vec<u8>)>,
+    spare: Vec<Vec<u8>>,
+    sink_a: Count,
+    sink_b: Count,
+    payload: Arc<[u8]>,
+    next_op: u64,
+    /// Datagrams carried so far, both directions.
+    pub datagrams: u64,
+}
+
+impl ProtoPair {
+    /// A connected pair whose datagrams are at most `max_datagram` bytes.
+    pub fn new(max_datagram: usize) -> ProtoPair {
+        let cfg = Config {
+            max_datagram,
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let mut a = Conn::client(cfg.clone(), 1, 1000, now);
+        let mut buf = Vec::new();
+        let mut b = None;
+        while a.poll_transmit(now, &mut buf) {
+            if let Ok(Packet {
+                kind: Kind::Init,
+                init: Some(init),
+                ..
+            }) = Packet::decode(&buf)
+            {
+                b = Some(Conn::server(cfg.clone(), 2, 5000, &init, now));
+            }
+        }
+        let b = b.expect("a new client connection sends INIT");
+        let mut pair = ProtoPair {
+            a,
+            b,
+            now,
+            wire: VecDeque::new(),
+            spare: Vec::new(),
+            sink_a: Count::default(),
+            sink_b: Count::default(),
+            payload: vec![0x5a; 1 << 20].into(),
+            next_op: 0,
+            datagrams: 0,
+        };
+        pair.pump();
+        assert_eq!(
+            pair.a.state(),
+            &State::Established,
+            "the handshake completes"
+        );
+        pair
+    }
+
+    fn transmit(&mut self) {
+        let now = self.now;
+        for to_b in [true, false] {
+            loop {
+                let mut buf = self.spare.pop().unwrap_or_default();
+                let c = if to_b { &mut self.a } else { &mut self.b };
+                if !c.poll_transmit(now, &mut buf) {
+                    self.spare.push(buf);
+                    break;
+                }
+                self.wire.push_back((to_b, buf));
+            }
+        }
+    }
+
+    /// Carry datagrams both ways, firing timers on the virtual clock, until nothing is
+    /// left to send or deliver and no timer is due.
+    fn pump(&mut self) {
+        loop {
+            self.transmit();
+            if self.wire.is_empty() {
+                // Jump to the earliest timer (a delayed ACK, say) and let it fire.
+                let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                match next {
+                    Some(t) if !self.a.is_idle() || !self.b.is_idle() => {
+                        self.now = self.now.max(t);
+                        for c in [&mut self.a, &mut self.b] {
+                            if c.poll_timeout().is_some_and(|t| t <= self.now) {
+                                c.handle_timeout(self.now);
+                            }
+                        }
+                        continue;
+                    }
+                    _ => return,
+                }
+            }
+            while let Some((to_b, d)) = self.wire.pop_front() {
+                self.datagrams += 1;
+                if let Ok(p) = Packet::decode(&d) {
+                    if to_b {
+                        self.b.handle(self.now, &p, &d, &mut self.sink_b);
+                    } else {
+                        self.a.handle(self.now, &p, &d, &mut self.sink_a);
+                    }
+                }
+                self.spare.push(d);
+            }
+            // A microsecond per round, so RTT samples stay meaningful.
+            self.now += Duration::from_micros(1);
+        }
+    }
+
+    /// Send `n` messages of `len` bytes (at most 1 MiB) from one side to the other and
+    /// carry every datagram (data and ACKs) until both sides are idle. Returns the
+    /// messages delivered.
+    pub fn transfer(&mut self, n: usize, len: usize) -> usize {
+        let len = len.min(self.payload.len());
+        let before = self.sink_b.messages;
+        let mut queued = 0;
+        while queued < n {
+            while queued < n && self.a.can_queue() {
+                let h = Header {
+                    op_id: self.next_op,
+                    payload_len: len as u32,
+                    body: Body::Send {
+                        msg_len: len as u64,
+                        msg_off: 0,
+                    },
+                };
+                self.next_op += 1;
+                self.a.queue(OutMsg::new(
+                    &h,
+                    Payload::Shared(self.payload.clone(), 0..len),
+                ));
+                queued += 1;
+            }
+            self.pump();
+        }
+        self.pump();
+        self.sink_b.messages - before
+    }
+
+    /// Payload bytes delivered so far.
+    pub fn delivered_bytes(&self) -> usize {
+        self.sink_b.bytes + self.sink_a.bytes
+    }
+}
+
+/// Two UDP frame drivers on loopback: datagrams sent as one batch and received by the
+/// other side, through the io_uring ring (`ring`) or recvmmsg/sendmmsg (busy-poll).
+#[allow(missing_debug_implementations)]
+pub struct UdpPair {
+    a: UdpDriver,
+    b: UdpDriver,
+    to: SocketAddr,
+    datagram: Vec<u8>,
+}
+
+impl UdpPair {
+    /// Bind both drivers on 127.0.0.1; `len` is the datagram size.
+    pub fn new(ring: bool, len: usize) -> std::io::Result<UdpPair> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut a = UdpDriver::bind(any, !ring, len)?;
+        let mut b = UdpDriver::bind(any, !ring, len)?;
+        a.start(true)?;
+        b.start(true)?;
+        let to = b.local_addr();
+        Ok(UdpPair {
+            a,
+            b,
+            to,
+            datagram: vec![0xa5; len],
+        })
+    }
+
+    /// Send `n` datagrams as one batch and receive them on the other side; returns how
+    /// many arrived within a second (the kernel may drop some if its buffer is full).
+    pub fn round(&mut self, n: usize) -> usize {
+        for _ in 0..n {
+            self.a.send(self.to, &self.datagram);
+        }
+        self.a.flush();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut got = 0;
+        while got < n {
+            got += self.b.recv(&mut |_, d| {
+                std::hint::black_box(d);
+            });
+            if got < n {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                // Reaps the sender's completions too.
+                self.a.recv(&mut |_, _| {});
+                self.b.wait(Some(now + Duration::from_millis(1)));
+            }
+        }
+        got
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protocol_pair_delivers_every_message_and_goes_idle() {
+        let mut p = ProtoPair::new(1472);
+        for _ in 0..3 {
+            assert_eq!(p.transfer(100, 1024), 100);
+            assert!(p.a.is_idle(), "everything acknowledged");
+        }
+        assert_eq!(p.delivered_bytes(), 300 * 1024);
+        // 1 KiB messages need a datagram each, plus ACKs.
+        assert!(p.datagrams > 300, "{}", p.datagrams);
+    }
+
+    #[test]
+    fn the_udp_pair_carries_a_batch_both_ways_of_driving() {
+        for ring in [true, false] {
+            let mut u = UdpPair::new(ring, 1472).unwrap();
+            assert_eq!(u.round(64), 64, "ring {ring}");
+        }
+    }
+}
