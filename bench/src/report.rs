@@ -496,14 +496,14 @@ impl Report {
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
             "backend,test,size,depth,seconds,ops,bytes,gbytes_per_s,gbit_per_s,mops_per_s,\
-             samples,p50_us,p90_us,p99_us,p999_us,max_us,copies_per_byte,mode\n",
+             samples,p50_us,p90_us,p99_us,p999_us,max_us,copies_per_byte,mode,connections,sweep\n",
         );
         let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
         for m in &self.results {
             let l = m.latency.as_ref();
             let mode = m.mode.replace('"', "\"\"");
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\",{},{}\n",
                 m.backend,
                 m.test.name(),
                 m.size,
@@ -521,7 +521,9 @@ impl Report {
                 opt(l.map(|l| l.p999_us)),
                 opt(l.map(|l| l.max_us)),
                 opt(m.copies_per_byte),
-                mode
+                mode,
+                m.connections,
+                m.sweep.unwrap_or("")
             ));
         }
         out

@@ -93,11 +93,17 @@ fn json_output_follows_the_schema() {
     assert!(rows[0].starts_with("backend,test,size,depth,"), "{text}");
     let columns = rows[0].split(',').count();
     assert!(rows.len() > 1, "{text}");
+    assert!(rows[0].ends_with(",mode,connections,sweep"), "{text}");
     for r in &rows[1..] {
-        // The last column (mode) is quoted and may hold commas.
-        let (head, mode) = r.split_once(",\"").expect("a quoted mode column");
-        assert_eq!(head.split(',').count() + 1, columns, "{r}");
-        assert!(mode.ends_with('"'), "{r}");
+        // The mode column is quoted and may hold commas; two columns follow it.
+        let (head, rest) = r.split_once(",\"").expect("a quoted mode column");
+        let (_mode, tail) = rest.rsplit_once('"').expect("the mode's closing quote");
+        assert_eq!(
+            head.split(',').count() + 1 + tail.split(',').count() - 1,
+            columns,
+            "{r}"
+        );
+        assert_eq!(tail, ",1,", "one connection, no sweep: {r}");
     }
     assert!(stdout.contains("Reality check"), "{stdout}");
     let v: serde_json::Value =
