@@ -89,6 +89,11 @@ pub struct EndpointConfig {
     /// default, drops nothing). Applies to everything the interface receives for
     /// PacketFS, whichever endpoint set it.
     pub fault_drop_per_million: u32,
+    /// The cluster secret. With one, the endpoint authenticates every connection both
+    /// ways at setup (`docs/security.md`) and refuses peers that do not hold the same
+    /// secret, before they can reach any region. Without one, it accepts only peers
+    /// that do not ask for authentication either.
+    pub secret: Option<crate::Secret>,
 }
 
 impl Default for EndpointConfig {
@@ -111,6 +116,7 @@ impl Default for EndpointConfig {
             zero_copy_send: None,
             mtu: 1500,
             fault_drop_per_million: 0,
+            secret: None,
         }
     }
 }
@@ -172,6 +178,12 @@ impl EndpointConfig {
     /// Drop `n` per million of the packets the XDP program steers (see the field).
     pub fn fault_drop_per_million(mut self, n: u32) -> Self {
         self.fault_drop_per_million = n;
+        self
+    }
+
+    /// Require peers to prove they hold `secret`, and prove it to them.
+    pub fn secret(mut self, secret: crate::Secret) -> Self {
+        self.secret = Some(secret);
         self
     }
 

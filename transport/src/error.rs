@@ -141,6 +141,10 @@ pub enum Error {
     /// The endpoint or connection was closed locally.
     #[error("closed: {0}")]
     Closed(&'static str),
+    /// Peer authentication failed: a missing or different cluster secret on one side, or
+    /// a peer that does not authenticate.
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
 }
 
 impl Error {
@@ -179,6 +183,7 @@ impl Error {
                 region_len: *region_len,
             },
             Error::Revoked => Error::Revoked,
+            Error::AuthFailed(s) => Error::AuthFailed(s.clone()),
             Error::Expired => Error::Expired,
             Error::UnknownRegion { region } => Error::UnknownRegion { region: *region },
             Error::Misaligned { offset } => Error::Misaligned { offset: *offset },

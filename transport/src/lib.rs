@@ -88,6 +88,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod auth;
 mod backend;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
@@ -111,6 +112,7 @@ pub mod wire;
 mod xdp;
 
 pub use addr::{Address, BackendKind, Selection, select};
+pub use auth::{MIN_SECRET_LEN, Secret};
 pub use config::{EndpointConfig, Progress, WaitMode};
 pub use endpoint::{Connection, Endpoint, Incoming, Notification};
 pub use error::{Error, Result};

@@ -85,6 +85,9 @@ counters! {
     retransmissions,
     /// Malformed or unexpected input from the network.
     protocol_errors,
+    /// Connections refused because the peer did not prove it holds the cluster secret
+    /// (target side), or did not prove it to us (initiator side).
+    auth_failures,
     /// Errors of any kind (local and remote, including protocol errors).
     errors,
     /// Connections established.

@@ -38,6 +38,9 @@ pub const MAX_HEADER_LEN: usize = PREFIX_LEN + 56;
 pub const MAGIC: [u8; 4] = *b"PKFS";
 /// Largest payload of a `HELLO`/`HELLO_ACK` (room for an authentication exchange).
 pub const MAX_HELLO_PAYLOAD: u32 = 1024;
+/// `HELLO`/`HELLO_ACK` feature bit: mutual authentication with the cluster secret
+/// (see `docs/security.md`).
+pub const FEATURE_AUTH: u32 = 1;
 /// Largest payload of an `ERROR` (a UTF-8 explanation).
 pub const MAX_ERROR_PAYLOAD: u32 = 512;
 /// Length of a region key's token.
@@ -54,6 +57,8 @@ pub enum OpCode {
     Hello = 0x01,
     /// Connection setup answer.
     HelloAck = 0x02,
+    /// The initiator's proof that it holds the cluster secret (third setup message).
+    Auth = 0x03,
     /// One-sided write (optionally with a notification).
     Write = 0x10,
     /// One-sided read request.
@@ -86,6 +91,7 @@ impl OpCode {
         Some(match b {
             0x01 => OpCode::Hello,
             0x02 => OpCode::HelloAck,
+            0x03 => OpCode::Auth,
             0x10 => OpCode::Write,
             0x11 => OpCode::Read,
             0x12 => OpCode::ReadResp,
@@ -113,7 +119,7 @@ impl OpCode {
             OpCode::Faa => 40,
             OpCode::AtomicResp => 8,
             OpCode::Send => 16,
-            OpCode::Ack | OpCode::Ping | OpCode::Pong => 0,
+            OpCode::Ack | OpCode::Ping | OpCode::Pong | OpCode::Auth => 0,
             OpCode::Error | OpCode::Goodbye => 8,
         }
     }
@@ -198,7 +204,7 @@ pub enum Body {
         endpoint: u64,
         /// Largest data payload the sender accepts in one message.
         max_payload: u32,
-        /// Feature bits (none defined yet; must be zero).
+        /// Feature bits: [`FEATURE_AUTH`] (the payload is a challenge nonce).
         features: u32,
     },
     /// Accepts a connection.
@@ -209,9 +215,11 @@ pub enum Body {
         endpoint: u64,
         /// Largest data payload the sender accepts in one message.
         max_payload: u32,
-        /// Feature bits (none defined yet; must be zero).
+        /// Feature bits: [`FEATURE_AUTH`] (the payload is a nonce and a proof).
         features: u32,
     },
+    /// The initiator's proof of the cluster secret; the payload is the proof.
+    Auth,
     /// Place `payload_len` bytes at `target.offset`; this message is bytes
     /// `op_off..op_off+payload_len` of an op of `op_len` bytes.
     Write {
@@ -300,6 +308,7 @@ impl Body {
             Body::Ack => OpCode::Ack,
             Body::Error { .. } => OpCode::Error,
             Body::Ping => OpCode::Ping,
+            Body::Auth => OpCode::Auth,
             Body::Pong => OpCode::Pong,
             Body::Goodbye { .. } => OpCode::Goodbye,
         }
@@ -548,7 +557,7 @@ impl Header {
                 w.u64(*msg_len);
                 w.u64(*msg_off);
             }
-            Body::Ack | Body::Ping | Body::Pong => {}
+            Body::Ack | Body::Ping | Body::Pong | Body::Auth => {}
             Body::Error { code } => {
                 w.u16(*code as u16);
                 w.u16(0);
@@ -714,6 +723,10 @@ impl Header {
                 }
                 Body::Send { msg_len, msg_off }
             }
+            OpCode::Auth => {
+                check_payload(op, payload_len, MAX_HELLO_PAYLOAD)?;
+                Body::Auth
+            }
             OpCode::Ack | OpCode::Ping | OpCode::Pong => {
                 check_payload(op, payload_len, 0)?;
                 match op {
@@ -833,6 +846,7 @@ mod tests {
             known_code().prop_map(|code| Body::Error { code }),
             Just(Body::Ping),
             Just(Body::Pong),
+            Just(Body::Auth),
             any::<u16>().prop_map(|code| Body::Goodbye { code }),
         ];
         (any::<u64>(), body).prop_map(|(op_id, body)| {
@@ -845,6 +859,7 @@ mod tests {
                     msg_off: op_off,
                 } => (op_len - op_off).min(1 << 20) as u32,
                 Body::Hello { .. } | Body::HelloAck { .. } => 7,
+                Body::Auth => 32,
                 Body::Error { .. } => 3,
                 _ => 0,
             };

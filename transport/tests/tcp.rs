@@ -52,7 +52,21 @@ fn tcp_zero_copy(mode: Mode) -> Fixture {
     }
 }
 
+/// Both sides hold the cluster secret: every connection authenticates first.
+fn tcp_authenticated(mode: Mode) -> Fixture {
+    Fixture {
+        tweak: |c| {
+            c.secret(pfs_transport::Secret::from_bytes(b"conformance-suite-secret").unwrap())
+        },
+        ..tcp(mode)
+    }
+}
+
 conformance_suite!(thread_block, super::tcp(super::Mode::ThreadBlock));
+conformance_suite!(
+    authenticated_caller,
+    super::tcp_authenticated(super::Mode::CallerBusy)
+);
 conformance_suite!(caller_busy, super::tcp(super::Mode::CallerBusy));
 conformance_suite!(thread_busy, super::tcp(super::Mode::ThreadBusy));
 conformance_suite!(

@@ -40,7 +40,21 @@ fn udp_jumbo(mode: Mode) -> Fixture {
     }
 }
 
+/// Both sides hold the cluster secret: every connection authenticates first.
+fn udp_authenticated(mode: Mode) -> Fixture {
+    Fixture {
+        tweak: |c| {
+            c.secret(pfs_transport::Secret::from_bytes(b"conformance-suite-secret").unwrap())
+        },
+        ..udp(mode)
+    }
+}
+
 conformance_suite!(thread_block, super::udp(super::Mode::ThreadBlock));
+conformance_suite!(
+    authenticated_thread,
+    super::udp_authenticated(super::Mode::ThreadBlock)
+);
 conformance_suite!(caller_busy, super::udp(super::Mode::CallerBusy));
 conformance_suite!(
     jumbo_thread_block,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{DConn, DgramEngine};
 use crate::addr::Address;
+use crate::auth;
 use crate::backend::{Engine, OpKind, OpReq, remote_error};
 use crate::endpoint::{ConnShared, Core, Notification};
 use crate::error::Error;
@@ -84,6 +85,10 @@ struct InSend {
 pub(super) struct OpLayer {
     pub(super) shared: Option<Arc<ConnShared>>,
     hello_sent: bool,
+    /// Initiator: the nonce our HELLO carried (authenticating connections).
+    our_nonce: Option<[u8; auth::NONCE_LEN]>,
+    /// Target: where the authentication exchange stands.
+    srv_auth: SrvAuth,
     pub(super) handshake_error: Option<Error>,
     next_op: u64,
     pending: IdMap<Pending>,
@@ -125,6 +130,27 @@ fn msg(op_id: u64, body: Body, payload: Payload, len: usize) -> OutMsg {
     )
 }
 
+/// Target side of the authentication exchange.
+enum SrvAuth {
+    /// Nothing to prove (no secret), or proven.
+    Open,
+    /// HELLO_ACK with our nonce and proof sent; the initiator's AUTH must come next.
+    Proof {
+        endpoint: u64,
+        max_payload: u32,
+        t: auth::Transcript,
+    },
+    /// Authentication failed: the ERROR is on its way, everything else is dropped.
+    Refused,
+}
+
+/// A message whose payload is `bytes`.
+fn with_bytes(op_id: u64, body: Body, bytes: Vec<u8>) -> OutMsg {
+    let n = bytes.len();
+    let data: Arc<[u8]> = bytes.into();
+    msg(op_id, body, Payload::Shared(data, 0..n), n)
+}
+
 fn small(op_id: u64, body: Body) -> OutMsg {
     msg(op_id, body, Payload::None, 0)
 }
@@ -142,6 +168,8 @@ impl OpLayer {
         OpLayer {
             shared: None,
             hello_sent: false,
+            our_nonce: None,
+            srv_auth: SrvAuth::Open,
             handshake_error: None,
             next_op: 1,
             pending: IdMap::default(),
@@ -161,19 +189,27 @@ impl OpLayer {
         client && !self.hello_sent
     }
 
-    /// The client's HELLO, once the datagram handshake is done.
+    /// The client's HELLO, once the datagram handshake is done; with a cluster secret
+    /// it carries our nonce (see `docs/security.md`).
     pub(super) fn send_hello(&mut self, core: &Core, proto: &mut PConn) {
         self.hello_sent = true;
-        proto.queue(small(
-            0,
-            Body::Hello {
-                min_version: wire::MIN_VERSION,
-                max_version: wire::MAX_VERSION,
-                endpoint: core.id,
-                max_payload: core.config.max_payload(),
-                features: 0,
-            },
-        ));
+        let hello = |features| Body::Hello {
+            min_version: wire::MIN_VERSION,
+            max_version: wire::MAX_VERSION,
+            endpoint: core.id,
+            max_payload: core.config.max_payload(),
+            features,
+        };
+        if core.config.secret.is_none() {
+            return proto.queue(small(0, hello(0)));
+        }
+        match auth::nonce() {
+            Ok(n) => {
+                self.our_nonce = Some(n);
+                proto.queue(with_bytes(0, hello(wire::FEATURE_AUTH), n.to_vec()));
+            }
+            Err(e) => self.handshake_error = Some(e),
+        }
     }
 
     pub(super) fn is_failed(&self) -> bool {
@@ -498,6 +534,15 @@ pub(super) struct OpSink<'a, 'b> {
 impl Sink for OpSink<'_, '_> {
     fn can_accept(&mut self, msgs: &[(Header, &[u8])]) -> bool {
         let o = &mut *self.ops;
+        // Before the initiator's proof, hold back (unacknowledged, so the peer sends
+        // them again) operations that overtook it; a packet that opens with the proof
+        // is taken whole.
+        if matches!(o.srv_auth, SrvAuth::Proof { .. })
+            && msgs.first().is_some_and(|(h, _)| h.body != Body::Auth)
+            && msgs.iter().any(|(h, _)| h.body != Body::Ping)
+        {
+            return false;
+        }
         if self.ctx.queued + o.outbox.len() + o.streams.len() > MAX_BACKLOG {
             return false;
         }
@@ -531,7 +576,7 @@ impl Sink for OpSink<'_, '_> {
         let core = self.ctx.core;
         let op_id = h.op_id;
         match h.body {
-            Body::Hello { .. } | Body::HelloAck { .. } => shared.count(C::drops, 1),
+            Body::Hello { .. } | Body::HelloAck { .. } | Body::Auth => shared.count(C::drops, 1),
             Body::Write {
                 target,
                 op_len,
@@ -750,19 +795,22 @@ fn atomic(
 }
 
 impl OpSink<'_, '_> {
-    /// Messages before the connection is established: HELLO (target) or HELLO_ACK /
-    /// ERROR (initiator).
+    /// Messages before the connection is established: HELLO and AUTH (target), HELLO_ACK
+    /// or ERROR (initiator).
     fn handshake(&mut self, h: Header, payload: &[u8]) {
         let core = self.ctx.core;
-        let o = &mut *self.ops;
         match h.body {
+            _ if matches!(self.ops.srv_auth, SrvAuth::Refused) => {
+                core.counters.add(C::drops, 1);
+            }
+            Body::Auth if !self.ctx.client => self.on_auth(payload),
             Body::Hello {
                 min_version,
                 max_version,
                 endpoint,
                 max_payload,
-                ..
-            } if !self.ctx.client => {
+                features,
+            } if !self.ctx.client && matches!(self.ops.srv_auth, SrvAuth::Open) => {
                 let version = max_version.min(wire::MAX_VERSION);
                 if version < min_version.max(wire::MIN_VERSION) {
                     let why = format!(
@@ -772,54 +820,59 @@ impl OpSink<'_, '_> {
                         wire::MAX_VERSION
                     );
                     tracing::warn!(peer = %self.ctx.peer, "{why}");
-                    o.outbox
+                    self.ops
+                        .outbox
                         .push(error_msg(0, ErrorCode::UnsupportedVersion, &why));
                     return;
                 }
-                // Peer authentication hook: the HELLO payload (up to 1 KiB) is reserved
-                // for a challenge-response; this version accepts every peer.
-                let _ = payload;
-                let Some(me) = self.ctx.me.upgrade() else {
-                    return;
+                let Some(secret) = core.config.secret.clone() else {
+                    // No secret here: accept (an initiator that asked to authenticate
+                    // gets no proof back and refuses the connection itself).
+                    return self.establish(endpoint, max_payload, Some(version));
                 };
-                let engine: Arc<dyn Engine> = me;
-                let kind = engine.kind();
-                let shared = ConnShared::new(
-                    core.next_conn_id(),
-                    core.clone(),
-                    engine,
-                    endpoint,
-                    Address::Udp(self.ctx.local).with_backend(kind),
-                    Address::Udp(self.ctx.peer).with_backend(kind),
-                    max_payload,
-                );
-                let accepted = core.accepted.push(shared.clone()).is_ok();
-                if accepted {
-                    o.outbox.push(small(
-                        0,
-                        Body::HelloAck {
-                            version,
-                            endpoint: core.id,
-                            max_payload: core.config.max_payload(),
-                            features: 0,
-                        },
-                    ));
-                    tracing::debug!(peer = %self.ctx.peer, "accepted");
-                    o.shared = Some(shared.clone());
-                } else {
-                    let why = "too many connections waiting to be accepted";
-                    shared.mark_closed(why);
-                    tracing::warn!(peer = %self.ctx.peer, "refusing connection: {why}");
-                    o.outbox.push(error_msg(0, ErrorCode::Busy, why));
+                if features & wire::FEATURE_AUTH == 0 || payload.len() != auth::NONCE_LEN {
+                    return self.refuse(
+                        "this endpoint accepts only peers holding the cluster secret: \
+                         configure the same secret on the connecting side \
+                         (EndpointConfig::secret)",
+                    );
                 }
-                self.ctx.new_shared = Some((shared, accepted));
+                let Ok(ours) = auth::nonce() else {
+                    return self.refuse("no randomness for a nonce here");
+                };
+                let mut initiator_nonce = [0u8; auth::NONCE_LEN];
+                initiator_nonce.copy_from_slice(payload);
+                let t = auth::Transcript {
+                    initiator_nonce,
+                    target_nonce: ours,
+                    initiator: endpoint,
+                    target: core.id,
+                };
+                let mut answer = ours.to_vec();
+                answer.extend_from_slice(&secret.target_proof(&t));
+                self.ops.outbox.push(with_bytes(
+                    0,
+                    Body::HelloAck {
+                        version,
+                        endpoint: core.id,
+                        max_payload: core.config.max_payload(),
+                        features: wire::FEATURE_AUTH,
+                    },
+                    answer,
+                ));
+                self.ops.srv_auth = SrvAuth::Proof {
+                    endpoint,
+                    max_payload,
+                    t,
+                };
             }
             Body::HelloAck {
                 version,
                 endpoint,
                 max_payload,
-                ..
+                features,
             } if self.ctx.client => {
+                let o = &mut *self.ops;
                 if !(wire::MIN_VERSION..=wire::MAX_VERSION).contains(&version) {
                     o.handshake_error = Some(Error::VersionMismatch {
                         ours_min: wire::MIN_VERSION,
@@ -829,27 +882,34 @@ impl OpSink<'_, '_> {
                     });
                     return;
                 }
-                let Some(me) = self.ctx.me.upgrade() else {
-                    return;
-                };
-                let engine: Arc<dyn Engine> = me;
-                let kind = engine.kind();
-                let shared = ConnShared::new(
-                    core.next_conn_id(),
-                    core.clone(),
-                    engine,
+                match auth::check_target(
+                    core.config.secret.as_ref(),
+                    o.our_nonce,
+                    features & wire::FEATURE_AUTH != 0,
+                    payload,
+                    core.id,
                     endpoint,
-                    Address::Udp(self.ctx.local).with_backend(kind),
-                    Address::Udp(self.ctx.peer).with_backend(kind),
-                    max_payload,
-                );
-                o.shared = Some(shared.clone());
-                self.ctx.new_shared = Some((shared, true));
+                ) {
+                    Ok(Some(proof)) => o.outbox.push(with_bytes(0, Body::Auth, proof.to_vec())),
+                    Ok(None) => {}
+                    Err(e) => {
+                        core.counters.add(C::auth_failures, 1);
+                        o.handshake_error = Some(e);
+                        return;
+                    }
+                }
+                self.establish(endpoint, max_payload, None);
             }
             Body::Error { code } if h.op_id == 0 => {
                 let text = String::from_utf8_lossy(payload).into_owned();
-                o.handshake_error = Some(match code {
+                if code == ErrorCode::AuthFailed {
+                    core.counters.add(C::auth_failures, 1);
+                }
+                self.ops.handshake_error = Some(match code {
                     ErrorCode::Busy => Error::Busy(text),
+                    ErrorCode::AuthFailed => {
+                        Error::AuthFailed(format!("the peer refused us: {text}"))
+                    }
                     _ => Error::Protocol(format!("the peer refused the connection: {text}")),
                 });
             }
@@ -863,5 +923,94 @@ impl OpSink<'_, '_> {
                 core.counters.add(C::protocol_errors, 1);
             }
         }
+    }
+
+    /// Target: the initiator's proof.
+    fn on_auth(&mut self, proof: &[u8]) {
+        let SrvAuth::Proof {
+            endpoint,
+            max_payload,
+            t,
+        } = self.ops.srv_auth
+        else {
+            return self.refuse("AUTH without an authenticating HELLO");
+        };
+        let ok = self
+            .ctx
+            .core
+            .config
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.verify_initiator(&t, proof));
+        if !ok {
+            return self.refuse(
+                "the peer's proof does not match this endpoint's cluster secret: the two \
+                 ends have different secrets",
+            );
+        }
+        self.ops.srv_auth = SrvAuth::Open;
+        self.establish(endpoint, max_payload, None);
+    }
+
+    /// Target: refuse a peer that did not authenticate. It never reaches a region; it
+    /// gets an ERROR naming why, and the connection closes when it resets it (or falls
+    /// silent).
+    fn refuse(&mut self, why: &str) {
+        tracing::warn!(peer = %self.ctx.peer, "refusing connection: {why}");
+        self.ctx.core.counters.add(C::auth_failures, 1);
+        self.ctx.core.counters.add(C::errors, 1);
+        self.ops.srv_auth = SrvAuth::Refused;
+        self.ops
+            .outbox
+            .push(error_msg(0, ErrorCode::AuthFailed, why));
+    }
+
+    /// The connection is established (authenticated, or nothing needed proving). On
+    /// the target it joins the accept queue; `ack` is the version to answer a HELLO with
+    /// (none when the HELLO_ACK already went out with our proof).
+    fn establish(&mut self, endpoint: u64, max_payload: u32, ack: Option<u8>) {
+        let core = self.ctx.core;
+        let Some(me) = self.ctx.me.upgrade() else {
+            return;
+        };
+        let engine: Arc<dyn Engine> = me;
+        let kind = engine.kind();
+        let shared = ConnShared::new(
+            core.next_conn_id(),
+            core.clone(),
+            engine,
+            endpoint,
+            Address::Udp(self.ctx.local).with_backend(kind),
+            Address::Udp(self.ctx.peer).with_backend(kind),
+            max_payload,
+        );
+        let o = &mut *self.ops;
+        if self.ctx.client {
+            o.shared = Some(shared.clone());
+            self.ctx.new_shared = Some((shared, true));
+            return;
+        }
+        let accepted = core.accepted.push(shared.clone()).is_ok();
+        if accepted {
+            if let Some(version) = ack {
+                o.outbox.push(small(
+                    0,
+                    Body::HelloAck {
+                        version,
+                        endpoint: core.id,
+                        max_payload: core.config.max_payload(),
+                        features: 0,
+                    },
+                ));
+            }
+            tracing::debug!(peer = %self.ctx.peer, "accepted");
+            o.shared = Some(shared.clone());
+        } else {
+            let why = "too many connections waiting to be accepted";
+            shared.mark_closed(why);
+            tracing::warn!(peer = %self.ctx.peer, "refusing connection: {why}");
+            o.outbox.push(error_msg(0, ErrorCode::Busy, why));
+        }
+        self.ctx.new_shared = Some((shared, accepted));
     }
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::addr::{Address, BackendKind};
+use crate::auth;
 use crate::backend::{Engine, OpKind, OpReq, remote_error};
 use crate::endpoint::{ConnShared, Core, Notification};
 use crate::error::{Error, Result};
@@ -574,27 +575,101 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result
     })
 }
 
-/// Client side of connection setup: HELLO out, HELLO_ACK (or ERROR) back.
+/// Client side of connection setup: HELLO out, HELLO_ACK (or ERROR) back; with a cluster
+/// secret, our nonce rides on the HELLO, the target's nonce and proof on the HELLO_ACK,
+/// and our proof goes out in an AUTH (see `docs/security.md`).
 fn handshake(s: &mut TcpStream, core: &Core, deadline: Instant) -> Result<HandshakeResult> {
+    let secret = core.config.secret.clone();
+    let our_nonce = secret.as_ref().map(|_| auth::nonce()).transpose()?;
     let hello = Header {
         op_id: 0,
-        payload_len: 0,
+        payload_len: our_nonce.map_or(0, |n| n.len() as u32),
         body: Body::Hello {
             min_version: wire::MIN_VERSION,
             max_version: wire::MAX_VERSION,
             endpoint: core.id,
             max_payload: core.config.max_payload(),
-            features: 0,
+            features: if secret.is_some() {
+                wire::FEATURE_AUTH
+            } else {
+                0
+            },
         },
     };
-    let mut out = Vec::with_capacity(MAX_HEADER_LEN);
+    let mut out = Vec::with_capacity(MAX_HEADER_LEN + auth::NONCE_LEN);
     hello.encode_to(&mut out);
+    if let Some(n) = &our_nonce {
+        out.extend_from_slice(n);
+    }
     let _ = s.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now())));
     s.write_all(&out).map_err(|e| Error::io("send", e))?;
+    let (h, payload) = read_setup_message(s, deadline)?;
+    match h.body {
+        Body::HelloAck {
+            version,
+            endpoint,
+            max_payload,
+            features,
+        } => {
+            if !(wire::MIN_VERSION..=wire::MAX_VERSION).contains(&version) {
+                return Err(Error::VersionMismatch {
+                    ours_min: wire::MIN_VERSION,
+                    ours_max: wire::MAX_VERSION,
+                    theirs_min: version,
+                    theirs_max: version,
+                });
+            }
+            let proof = auth::check_target(
+                secret.as_ref(),
+                our_nonce,
+                features & wire::FEATURE_AUTH != 0,
+                &payload,
+                core.id,
+                endpoint,
+            )
+            .inspect_err(|_| core.counters.add(C::auth_failures, 1))?;
+            if let Some(proof) = proof {
+                let h = Header {
+                    op_id: 0,
+                    payload_len: proof.len() as u32,
+                    body: Body::Auth,
+                };
+                let mut out = Vec::with_capacity(MAX_HEADER_LEN + proof.len());
+                h.encode_to(&mut out);
+                out.extend_from_slice(&proof);
+                s.write_all(&out).map_err(|e| Error::io("send", e))?;
+            }
+            Ok(HandshakeResult {
+                peer: endpoint,
+                max_payload,
+            })
+        }
+        Body::Error { code } => {
+            let text = String::from_utf8_lossy(&payload).into_owned();
+            Err(match code {
+                ErrorCode::Busy => Error::Busy(text),
+                ErrorCode::AuthFailed => {
+                    core.counters.add(C::auth_failures, 1);
+                    Error::AuthFailed(format!("the peer refused us: {text}"))
+                }
+                ErrorCode::UnsupportedVersion => {
+                    Error::Protocol(format!("the peer refused our wire version: {text}"))
+                }
+                _ => Error::Protocol(format!("the peer refused the connection: {text}")),
+            })
+        }
+        other => Err(Error::Protocol(format!(
+            "expected HELLO_ACK, got {:?}",
+            other.opcode()
+        ))),
+    }
+}
+
+/// Read one setup message (HELLO_ACK or ERROR, payload at most 1 KiB) and its payload,
+/// refusing any longer payload before allocating for it.
+fn read_setup_message(s: &mut TcpStream, deadline: Instant) -> Result<(Header, Vec<u8>)> {
     let mut buf = vec![0u8; wire::PREFIX_LEN];
     read_exact_by(s, &mut buf, deadline)?;
-    // Only HELLO_ACK (≤ 1 KiB of payload) or ERROR (≤ 512) may come back: refuse any
-    // longer payload before allocating for it.
     let limits = Limits {
         max_payload: MAX_HELLO_PAYLOAD,
     };
@@ -615,42 +690,7 @@ fn handshake(s: &mut TcpStream, core: &Core, deadline: Instant) -> Result<Handsh
     };
     let mut payload = vec![0u8; h.payload_len as usize];
     read_exact_by(s, &mut payload, deadline)?;
-    match h.body {
-        Body::HelloAck {
-            version,
-            endpoint,
-            max_payload,
-            ..
-        } => {
-            if !(wire::MIN_VERSION..=wire::MAX_VERSION).contains(&version) {
-                return Err(Error::VersionMismatch {
-                    ours_min: wire::MIN_VERSION,
-                    ours_max: wire::MAX_VERSION,
-                    theirs_min: version,
-                    theirs_max: version,
-                });
-            }
-            // The HELLO_ACK payload is reserved for peer authentication (see docs/wire.md).
-            Ok(HandshakeResult {
-                peer: endpoint,
-                max_payload,
-            })
-        }
-        Body::Error { code } => {
-            let text = String::from_utf8_lossy(&payload).into_owned();
-            Err(match code {
-                ErrorCode::Busy => Error::Busy(text),
-                ErrorCode::UnsupportedVersion => {
-                    Error::Protocol(format!("the peer refused our wire version: {text}"))
-                }
-                _ => Error::Protocol(format!("the peer refused the connection: {text}")),
-            })
-        }
-        other => Err(Error::Protocol(format!(
-            "expected HELLO_ACK, got {:?}",
-            other.opcode()
-        ))),
-    }
+    Ok((h, payload))
 }
 
 struct Listener {
@@ -698,8 +738,31 @@ enum Then {
     ErrorText { op_id: u64, code: ErrorCode },
     /// Bytes to discard (refused write, late read response).
     Dropped,
-    /// The authentication data of a HELLO (reserved; discarded in this version).
+    /// The payload of a HELLO from a peer that does not authenticate to an endpoint
+    /// without a secret (discarded).
     HelloPayload,
+    /// The initiator's nonce (authenticating HELLO).
+    AuthNonce,
+    /// The initiator's proof (AUTH).
+    AuthProof,
+}
+
+/// What a connection's target side knows of the peer before it is established.
+#[derive(Clone, Copy)]
+struct PeerHello {
+    endpoint: u64,
+    max_payload: u32,
+    version: u8,
+}
+
+/// Where the target side stands in the authentication exchange.
+enum SrvAuth {
+    /// Nothing to prove (no secret), or proven.
+    Open,
+    /// An authenticating HELLO was read; its nonce follows.
+    Nonce(PeerHello),
+    /// HELLO_ACK with our nonce and proof sent; the initiator's AUTH must come next.
+    Proof(PeerHello, crate::auth::Transcript),
 }
 
 enum Rx {
@@ -739,6 +802,8 @@ struct Conn {
     peer: SocketAddr,
     hs_deadline: Option<Instant>,
     hs_version: u8,
+    /// Target side of the authentication exchange (cluster secret).
+    auth: SrvAuth,
     stage: Option<Vec<u8>>,
     lo: usize,
     hi: usize,
@@ -799,6 +864,7 @@ impl Conn {
             peer,
             hs_deadline: None,
             hs_version: 0,
+            auth: SrvAuth::Open,
             stage: Some(vec![0u8; STAGE_LEN]),
             lo: 0,
             hi: 0,
@@ -1705,8 +1771,8 @@ impl Ctx {
         };
         let op_id = h.op_id;
         match h.body {
-            Body::Hello { .. } | Body::HelloAck { .. } => {
-                self.protocol_error(conn, "HELLO on an established connection".into())
+            Body::Hello { .. } | Body::HelloAck { .. } | Body::Auth => {
+                self.protocol_error(conn, "HELLO or AUTH on an established connection".into())
             }
             Body::Write {
                 target,
@@ -1922,12 +1988,23 @@ impl Ctx {
     }
 
     fn on_handshake(&mut self, conn: &mut Conn, h: Header) {
+        if matches!(conn.auth, SrvAuth::Proof(..)) {
+            if h.body != Body::Auth || h.payload_len as usize != auth::PROOF_LEN {
+                let why = format!(
+                    "expected the initiator's AUTH proof, got {:?}",
+                    h.body.opcode()
+                );
+                return self.refuse_auth(conn, why);
+            }
+            let buf = vec![0u8; auth::PROOF_LEN];
+            return Self::expect_payload(conn, &h, Dst::Heap(Some(buf)), Then::AuthProof);
+        }
         let Body::Hello {
             min_version,
             max_version,
             endpoint,
             max_payload,
-            features: _,
+            features,
         } = h.body
         else {
             return self.protocol_error(conn, format!("expected HELLO, got {:?}", h.body.opcode()));
@@ -1945,12 +2022,61 @@ impl Ctx {
             self.close_soon(conn, why);
             return;
         }
-        // Peer authentication hook: the HELLO payload (up to MAX_HELLO_PAYLOAD bytes) is
-        // reserved for a challenge-response; this version accepts every peer and
-        // discards it.
         debug_assert!(h.payload_len <= MAX_HELLO_PAYLOAD);
+        let hello = PeerHello {
+            endpoint,
+            max_payload,
+            version,
+        };
+        let asks = features & wire::FEATURE_AUTH != 0;
+        if self.core.config.secret.is_some() {
+            if !asks || h.payload_len as usize != auth::NONCE_LEN {
+                return self.refuse_auth(
+                    conn,
+                    "this endpoint accepts only peers holding the cluster secret: configure \
+                     the same secret on the connecting side (EndpointConfig::secret)"
+                        .into(),
+                );
+            }
+            conn.auth = SrvAuth::Nonce(hello);
+            let buf = vec![0u8; auth::NONCE_LEN];
+            return Self::expect_payload(conn, &h, Dst::Heap(Some(buf)), Then::AuthNonce);
+        }
+        // No secret here: accept. An initiator that asked to authenticate gets a
+        // HELLO_ACK without the feature bit and refuses the connection itself.
+        if self.establish(conn, hello) {
+            self.queue_hello_ack(conn, version, 0, None);
+        }
+        if h.payload_len > 0 {
+            Self::expect_payload(conn, &h, Dst::Discard, Then::HelloPayload);
+        }
+    }
+
+    fn queue_hello_ack(
+        &mut self,
+        conn: &mut Conn,
+        version: u8,
+        features: u32,
+        payload: Option<Vec<u8>>,
+    ) {
+        let ack = Header {
+            op_id: 0,
+            payload_len: payload.as_ref().map_or(0, |p| p.len() as u32),
+            body: Body::HelloAck {
+                version,
+                endpoint: self.core.id,
+                max_payload: self.limits.max_payload,
+                features,
+            },
+        };
+        self.queue(conn, ack, payload.map(Buf::Heap));
+    }
+
+    /// Hand the connection to the application (it is authenticated, or nothing needed
+    /// proving); false if it was refused for want of room.
+    fn establish(&mut self, conn: &mut Conn, p: PeerHello) -> bool {
         let Some(me) = self.me.upgrade() else {
-            return;
+            return false;
         };
         let engine: Arc<dyn Engine> = me;
         let local = conn
@@ -1962,22 +2088,12 @@ impl Ctx {
             conn.id,
             self.core.clone(),
             engine,
-            endpoint,
+            p.endpoint,
             local,
             Address::Tcp(conn.peer),
-            max_payload,
+            p.max_payload,
         );
-        conn.hs_version = version;
-        let ack = Header {
-            op_id: 0,
-            payload_len: 0,
-            body: Body::HelloAck {
-                version,
-                endpoint: self.core.id,
-                max_payload: self.limits.max_payload,
-                features: 0,
-            },
-        };
+        conn.hs_version = p.version;
         conn.shared = Some(shared.clone());
         conn.hs_deadline = None;
         if let Err(shared) = self.core.accepted.push(shared) {
@@ -1987,16 +2103,74 @@ impl Ctx {
             tracing::warn!(peer = %conn.peer, "refusing connection: {why}");
             self.queue_error(conn, 0, ErrorCode::Busy, &why);
             self.close_soon(conn, why);
-            return;
+            return false;
         }
-        self.queue(conn, ack, None);
         tracing::debug!(peer = %conn.peer, conn = conn.id, "accepted");
-        if h.payload_len > 0 {
-            Self::expect_payload(conn, &h, Dst::Discard, Then::HelloPayload);
+        true
+    }
+
+    /// Refuse a peer that failed to authenticate: an ERROR naming why, then close. It
+    /// never reached a region.
+    fn refuse_auth(&mut self, conn: &mut Conn, why: String) {
+        tracing::warn!(peer = %conn.peer, "refusing connection: {why}");
+        self.core.counters.add(C::auth_failures, 1);
+        self.core.counters.add(C::errors, 1);
+        conn.auth = SrvAuth::Open;
+        self.queue_error(conn, 0, ErrorCode::AuthFailed, &why);
+        self.close_soon(conn, why);
+    }
+
+    /// The initiator's nonce: answer with ours and our proof.
+    fn on_auth_nonce(&mut self, conn: &mut Conn, dst: Dst) {
+        let (SrvAuth::Nonce(hello), Dst::Heap(Some(theirs)), Some(secret)) =
+            (&conn.auth, dst, self.core.config.secret.clone())
+        else {
+            return self.refuse_auth(conn, "authentication out of order".into());
+        };
+        let hello = *hello;
+        let Ok(ours) = auth::nonce() else {
+            return self.refuse_auth(conn, "no randomness for a nonce here".into());
+        };
+        let mut initiator_nonce = [0u8; auth::NONCE_LEN];
+        initiator_nonce.copy_from_slice(&theirs);
+        let t = auth::Transcript {
+            initiator_nonce,
+            target_nonce: ours,
+            initiator: hello.endpoint,
+            target: self.core.id,
+        };
+        let mut payload = ours.to_vec();
+        payload.extend_from_slice(&secret.target_proof(&t));
+        self.queue_hello_ack(conn, hello.version, wire::FEATURE_AUTH, Some(payload));
+        conn.auth = SrvAuth::Proof(hello, t);
+    }
+
+    /// The initiator's proof: establish the connection if it holds the secret.
+    fn on_auth_proof(&mut self, conn: &mut Conn, dst: Dst) {
+        let (SrvAuth::Proof(hello, t), Dst::Heap(Some(proof)), Some(secret)) =
+            (&conn.auth, dst, self.core.config.secret.clone())
+        else {
+            return self.refuse_auth(conn, "authentication out of order".into());
+        };
+        let (hello, t) = (*hello, *t);
+        if !secret.verify_initiator(&t, &proof) {
+            return self.refuse_auth(
+                conn,
+                "the peer's proof does not match this endpoint's cluster secret: the two \
+                 ends have different secrets"
+                    .into(),
+            );
         }
+        conn.auth = SrvAuth::Open;
+        self.establish(conn, hello);
     }
 
     fn on_payload(&mut self, conn: &mut Conn, dst: Dst, then: Then) {
+        match then {
+            Then::AuthNonce => return self.on_auth_nonce(conn, dst),
+            Then::AuthProof => return self.on_auth_proof(conn, dst),
+            _ => {}
+        }
         let Some(shared) = conn.shared.clone() else {
             return;
         };
@@ -2061,7 +2235,7 @@ impl Ctx {
                 self.complete(conn, op_id, Err(err));
             }
             Then::Dropped => shared.count(C::drops, 1),
-            Then::HelloPayload => {}
+            Then::HelloPayload | Then::AuthNonce | Then::AuthProof => {}
         }
     }
 
