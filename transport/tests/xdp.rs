@@ -219,6 +219,52 @@ fn bytes_arrive_exactly_with_one_and_ten_percent_of_packets_dropped() {
     }
 }
 
+/// The cluster secret over xdp, with 10% of the server's packets dropped (so operations
+/// may overtake the client's proof): a peer without the secret is refused, one with it
+/// moves bytes exactly.
+#[test]
+fn authentication_holds_over_xdp_under_loss() {
+    if !two_hosts() {
+        return;
+    }
+    let _g = conformance::hold(xdp(Mode::ThreadBlock));
+    let secret = || pfs_transport::Secret::from_bytes(b"xdp-test-cluster-secret").unwrap();
+    init();
+    enter(Side::Server);
+    let server = Endpoint::bind(
+        EndpointConfig::new()
+            .listen("xdp://pfs-a0/198.18.0.1:0")
+            .unwrap()
+            .op_timeout(Duration::from_secs(60))
+            .secret(secret())
+            .fault_drop_per_million(100_000),
+    )
+    .expect("xdp server");
+    let port = server.local_addrs()[0].socket_addr().port();
+    enter(Side::Client);
+    let stranger =
+        Endpoint::bind(EndpointConfig::new().connect_timeout(Duration::from_secs(20))).unwrap();
+    match stranger.connect(&format!("xdp://pfs-b0/{SERVER_IP}:{port}")) {
+        Err(pfs_transport::Error::AuthFailed(why)) => {
+            assert!(why.contains("cluster secret"), "{why}")
+        }
+        Err(e) => panic!("expected an authentication failure, got {e}"),
+        Ok(_) => panic!("connected over xdp without the cluster secret"),
+    }
+    assert!(server.stats().auth_failures >= 1);
+    drop(stranger);
+    let client = Endpoint::bind(
+        EndpointConfig::new()
+            .op_timeout(Duration::from_secs(60))
+            .secret(secret()),
+    )
+    .unwrap();
+    let conn = client
+        .connect(&format!("xdp://pfs-b0/{SERVER_IP}:{port}"))
+        .unwrap();
+    transfer_byte_exact(&conn, &client, &server, 8 << 20);
+}
+
 #[test]
 fn xdp_and_udp_peers_interoperate() {
     if !two_hosts() {
