@@ -5,6 +5,8 @@
 //!   sockperf (interleaved), and ends with the reality check.
 //! * `cargo xtask test` — everything CI runs: formatting, clippy, licences, every test
 //!   tier, and a quick run of the main job; prints the time of each phase.
+//! * `cargo xtask fuzz [--seconds N]` — build the AFL++ fuzz targets in `fuzz/` and run
+//!   each for N seconds (default 25) from its committed corpus; fails on any crash or hang.
 //! * `cargo xtask deps` — install what the two commands need (idempotent).
 //! * `cargo xtask licenses` — check every dependency's licence against the allowed list.
 
@@ -12,12 +14,16 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-const USAGE: &str = "usage: cargo xtask <bench [--quick] | test | deps | licenses>
+const USAGE: &str =
+    "usage: cargo xtask <bench [--quick] | test | fuzz [--seconds N] | deps | licenses>
 
   bench      the main job: pfs-bench on every available backend, side by side with
              iperf3 and sockperf (interleaved, median ratio), ending in the reality check
              --quick   shorter runs (a smoke test of the main job)
-  test       fmt, clippy, licences, all tests, and a quick main job; prints phase times
+  test       fmt, clippy, licences, all tests, a short fuzz run and a quick main job;
+             prints phase times
+  fuzz       run every fuzz target (AFL++, stable toolchain) for --seconds N each
+             (default 25); installs cargo-afl if missing; fails on a crash or hang
   deps       install the Debian packages the commands need (idempotent; needs root)
   licenses   check dependency licences";
 
@@ -26,6 +32,13 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("bench") => bench(args[1..].iter().any(|a| a == "--quick")),
         Some("test") => test(),
+        Some("fuzz") => match fuzz_seconds(&args[1..]) {
+            Ok(secs) => fuzz(secs),
+            Err(e) => {
+                eprintln!("{e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         Some("deps") => deps(),
         Some("licenses") | Some("licences") => licenses(),
         Some("-h") | Some("--help") | Some("help") => {
@@ -387,11 +400,146 @@ fn test() -> R {
                 &[("RUSTDOCFLAGS", "-D warnings")],
             )
         })?;
+        p.run("fuzz", || fuzz(FUZZ_SECONDS))?;
         p.run("main job (quick)", || bench(true))?;
         Ok(())
     })();
     p.print();
     r
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u64 = 25;
+
+/// The fuzz targets, each a binary of `fuzz/` with a corpus in `fuzz/corpus/NAME`.
+const FUZZ_TARGETS: &[&str] = &["wire_decode", "key_parse", "proto_datagrams"];
+
+fn fuzz_seconds(args: &[String]) -> Result<u64, String> {
+    match args {
+        [] => Ok(FUZZ_SECONDS),
+        [flag, n] if flag == "--seconds" || flag == "--long" => n
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("--seconds needs a whole number above 0, not {n:?}")),
+        other => Err(format!("unexpected arguments {other:?}")),
+    }
+}
+
+/// Build the fuzz targets with AFL++ instrumentation and run each from its committed
+/// corpus for `secs` seconds. New inputs AFL finds stay in `fuzz/target/afl/NAME`
+/// (`cargo afl cmin` them into the corpus to keep them); any crash or hang fails, with
+/// the inputs that caused it named.
+fn fuzz(secs: u64) -> R {
+    if !have("cargo-afl") {
+        run(&cargo(), &["install", "cargo-afl", "--locked"])?;
+    }
+    let dir = root().join("fuzz");
+    let status = Command::new(cargo())
+        .args(["afl", "build", "--release"])
+        .current_dir(&dir)
+        .status()
+        .map_err(|e| format!("cargo afl build: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo afl build failed ({status})"));
+    }
+    let mut summary = Vec::new();
+    for t in FUZZ_TARGETS {
+        let out = dir.join("target/afl").join(t);
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(dir.join("target/afl"))
+            .map_err(|e| format!("mkdir fuzz/target/afl: {e}"))?;
+        let log_path = dir.join("target/afl").join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let corpus = dir.join("corpus").join(t);
+        let bin = dir.join("target/release").join(t);
+        let args = [
+            "afl",
+            "fuzz",
+            "-i",
+            &corpus.to_string_lossy(),
+            "-o",
+            &out.to_string_lossy(),
+            "-V",
+            &secs.to_string(),
+            "--",
+            &bin.to_string_lossy(),
+        ]
+        .map(|s| s.to_string());
+        println!("$ cargo {}", args.join(" "));
+        let st = Command::new(cargo())
+            .args(&args)
+            .envs([
+                ("AFL_NO_UI", "1"),
+                ("AFL_SKIP_CPUFREQ", "1"),
+                ("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1"),
+                ("AFL_NO_AFFINITY", "1"),
+                ("AFL_QUIET", "1"),
+            ])
+            .stdout(log)
+            .stderr(log2)
+            .status()
+            .map_err(|e| format!("cargo afl fuzz: {e}"))?;
+        if !st.success() {
+            // AFL++ prints its reasons on stdout, among progress lines.
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let why: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("ERROR") || l.contains("[-]") || l.contains("ABORT"))
+                .collect();
+            return Err(format!(
+                "afl-fuzz on {t} failed ({st}): {} (whole log: {})",
+                why.join(" / "),
+                log_path.display()
+            ));
+        }
+        let stats = std::fs::read_to_string(out.join("default/fuzzer_stats")).unwrap_or_default();
+        let stat = |k: &str| {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(k)?.trim_start().strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        let found = |sub: &str| -> Vec<String> {
+            std::fs::read_dir(out.join("default").join(sub))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.path().display().to_string())
+                        .filter(|p| !p.ends_with("README.txt"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (crashes, hangs) = (found("crashes"), found("hangs"));
+        let line = format!(
+            "{t}: {} cases in {secs} s, {} paths in the queue, {} crashes, {} hangs",
+            stat("execs_done"),
+            stat("corpus_count"),
+            crashes.len(),
+            hangs.len()
+        );
+        println!("{line}");
+        summary.push(line);
+        if !crashes.is_empty() || !hangs.is_empty() {
+            return Err(format!(
+                "fuzzing {t} found inputs that crash or hang: {} (run the target on one: \
+                 fuzz/target/release/{t} < FILE)",
+                crashes
+                    .iter()
+                    .chain(&hangs)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    println!("\nfuzz summary:\n  {}", summary.join("\n  "));
+    Ok(())
 }
 
 /// SPDX identifiers whose terms allow linking into a MIT OR Apache-2.0 project.
