@@ -63,6 +63,10 @@ pub struct EndpointConfig {
     pub max_connections: usize,
     /// Accepted connections waiting for [`Endpoint::accept`](crate::Endpoint::accept).
     pub max_pending_accepts: usize,
+    /// Connections from one IP address still in their handshake (not yet established
+    /// or authenticated); more are refused and counted (`handshakes_refused`), so that a
+    /// flood from one source cannot use up `max_connections`.
+    pub max_handshakes_per_peer: usize,
     /// Largest one-sided operation (bytes).
     pub max_op_size: u64,
     /// Largest two-sided message (bytes).
@@ -108,6 +112,7 @@ impl Default for EndpointConfig {
             max_queued_ops: 16384,
             max_connections: 1024,
             max_pending_accepts: 128,
+            max_handshakes_per_peer: 64,
             max_op_size: 1 << 31,
             max_message_size: 4 << 20,
             max_incoming: 1024,
@@ -205,6 +210,7 @@ impl EndpointConfig {
             || self.max_queued_ops == 0
             || self.max_connections == 0
             || self.max_pending_accepts == 0
+            || self.max_handshakes_per_peer == 0
             || self.max_incoming == 0
         {
             return bad("queue limits must be at least 1");

@@ -366,16 +366,23 @@ fn an_honest_client_is_served_exactly_while_the_server_is_attacked() {
     canaries.check();
     let s = server.stats();
     eprintln!(
-        "server: {} remote ops refused, {} protocol errors, {} drops",
-        s.remote_ops_refused, s.protocol_errors, s.drops
+        "server: {} remote ops refused, {} protocol errors, {} drops, {} handshakes refused",
+        s.remote_ops_refused, s.protocol_errors, s.drops, s.handshakes_refused
     );
     assert!(
         s.remote_ops_refused > 0,
         "forged accesses were refused and counted"
     );
     assert!(s.protocol_errors > 0, "malformed input was counted");
+    assert!(
+        s.handshakes_refused > 0,
+        "the connection flood from one address was capped"
+    );
 
-    // Still serving: a fresh client on each backend.
+    // Still serving: a fresh client on each backend, once the flood's half-open
+    // handshakes from this address have passed their deadline (the server's
+    // connect_timeout, 500 ms here; they fill its per-address handshake quota until then).
+    std::thread::sleep(Duration::from_millis(1500));
     for (i, a) in [tcp, udp].into_iter().enumerate() {
         let ep = Endpoint::bind(EndpointConfig::new()).unwrap();
         let c = ep.connect_addr(a).unwrap();

@@ -74,6 +74,9 @@ struct DConn {
     ops: OpLayer,
     /// Client side, until HELLO_ACK.
     connect: Option<Arc<ConnectSlot>>,
+    /// Target side: the connection must be established (HELLO, and AUTH with a secret)
+    /// by then, or it is closed.
+    hs_deadline: Option<Instant>,
 }
 
 /// Everything but the driver, so that the driver's receive callback can borrow it.
@@ -498,6 +501,7 @@ impl World {
                     proto: PConn::client(self.pcfg.clone(), id, first, now),
                     ops: OpLayer::new(),
                     connect: Some(slot),
+                    hs_deadline: None,
                 };
                 self.conns.insert(u64::from(id), conn);
             }
@@ -635,6 +639,22 @@ impl World {
             self.reset(from, init.conn_id, ResetReason::Busy);
             return;
         }
+        let from_peer = self
+            .conns
+            .values()
+            .filter(|c| {
+                c.peer.ip() == from.ip()
+                    && c.connect.is_none()
+                    && c.ops.shared.is_none()
+                    && !c.proto.is_closed()
+            })
+            .count();
+        if from_peer >= self.core.config.max_handshakes_per_peer {
+            tracing::debug!(%from, "refusing a {} connection: {from_peer} handshakes from this address already", self.kind);
+            self.count(C::handshakes_refused, 1);
+            self.reset(from, init.conn_id, ResetReason::Busy);
+            return;
+        }
         let mut id = self.rand.pop().unwrap_or(1);
         while id == 0 || self.conns.contains_key(&u64::from(id)) {
             id = self
@@ -648,6 +668,7 @@ impl World {
             proto: PConn::server(self.pcfg.clone(), id, first, &init, now),
             ops: OpLayer::new(),
             connect: None,
+            hs_deadline: Some(now + self.core.config.connect_timeout),
         };
         tracing::debug!(%from, conn = id, "{} connection request", self.kind);
         self.by_peer.insert((from, init.conn_id), id);
@@ -658,6 +679,12 @@ impl World {
         for c in self.conns.values_mut() {
             if c.proto.poll_timeout().is_some_and(|t| t <= now) {
                 c.proto.handle_timeout(now);
+            }
+            if c.hs_deadline.is_some_and(|d| now >= d) {
+                c.hs_deadline = None;
+                if c.ops.shared.is_none() {
+                    c.proto.close("handshake timed out");
+                }
             }
             if c.proto.is_closed() {
                 let why = match c.proto.state() {

@@ -1189,6 +1189,16 @@ impl State {
             core.counters.add(C::errors, 1);
             return;
         }
+        let from_peer = self
+            .conns
+            .values()
+            .filter(|c| c.shared.is_none() && c.closing.is_none() && c.peer.ip() == peer.ip())
+            .count();
+        if from_peer >= core.config.max_handshakes_per_peer {
+            tracing::debug!(%peer, "refusing connection: {from_peer} handshakes from this address already");
+            core.counters.add(C::handshakes_refused, 1);
+            return;
+        }
         configure_socket(&sock, core);
         let id = core.next_conn_id();
         let mut conn = Conn::new(id, sock, None, peer);
