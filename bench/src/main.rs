@@ -142,6 +142,9 @@ struct ServerArgs {
     /// Exit when the parent process does (servers started by `compare`).
     #[arg(long, hide = true)]
     die_with_parent: bool,
+    /// Accept only clients holding the cluster secret in this file (mode 600).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -179,6 +182,27 @@ struct ClientArgs {
     /// Write the results as CSV to this file (`-` for stdout).
     #[arg(long)]
     csv: Option<String>,
+    /// Authenticate with the cluster secret in this file (mode 600).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
+}
+
+/// The cluster secret `server` and `client` authenticate with, if one was given.
+static SECRET: std::sync::OnceLock<pfs_transport::Secret> = std::sync::OnceLock::new();
+
+fn load_secret(path: Option<&std::path::Path>) -> AnyResult {
+    if let Some(p) = path {
+        let _ = SECRET.set(pfs_transport::Secret::from_file(p)?);
+    }
+    Ok(())
+}
+
+/// `cfg` with the cluster secret, when one was given.
+fn with_secret(cfg: EndpointConfig) -> EndpointConfig {
+    match SECRET.get() {
+        Some(s) => cfg.secret(s.clone()),
+        None => cfg,
+    }
 }
 
 pub(crate) fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -542,6 +566,7 @@ fn server(a: &ServerArgs) -> AnyResult {
     if a.die_with_parent {
         signals::die_with_parent();
     }
+    load_secret(a.secret_file.as_deref())?;
     let listen = with_backend(&a.listen, a.backend);
     let cfg = EndpointConfig::new()
         .listen(&listen.to_string())?
@@ -552,9 +577,12 @@ fn server(a: &ServerArgs) -> AnyResult {
         } else {
             WaitMode::Block
         });
-    let ep = Endpoint::bind(cfg)?;
+    let ep = Endpoint::bind(with_secret(cfg))?;
     for addr in ep.local_addrs() {
         println!("pfs-bench server listening on {addr}");
+    }
+    if SECRET.get().is_some() {
+        println!("pfs-bench server: clients must hold the cluster secret");
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -601,7 +629,7 @@ pub(crate) fn client_measure(
     if zero_copy_send {
         cfg = cfg.zero_copy_send(64 << 10);
     }
-    let ep = Endpoint::bind(cfg)?;
+    let ep = Endpoint::bind(with_secret(cfg))?;
     let conn = ep.connect_addr(addr)?;
     let region = match test {
         Test::Latency | Test::ReadLatency | Test::Atomic => (1 << 20).max(size),
@@ -627,6 +655,7 @@ pub(crate) fn client_measure(
 }
 
 fn client(a: &ClientArgs) -> AnyResult {
+    load_secret(a.secret_file.as_deref())?;
     let addr = with_backend(&a.addr, a.backend);
     if let Some(c) = a.cpu {
         pfs_transport::pin_current_thread(c).map_err(|e| format!("cannot pin to cpu {c}: {e}"))?;

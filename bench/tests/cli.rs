@@ -342,3 +342,58 @@ fn bad_sweep_and_plot_input_is_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--secret-file`: a server holding the cluster secret serves a client with it, refuses
+/// one without it with one line naming the fix, and a readable secret file is refused.
+#[test]
+fn servers_and_clients_authenticate_with_a_secret_file() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pfs-bench-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a-cluster-secret-for-this-test\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = secret.to_str().unwrap().to_string();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_pfs-bench"))
+        .args([
+            "server",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--secret-file",
+            &secret,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run pfs-bench server");
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (code, stdout, stderr) = run(&[
+        "client",
+        &addr,
+        "--duration",
+        "200ms",
+        "--warmup",
+        "0",
+        "--secret-file",
+        &secret,
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let (code, _, stderr) = run(&["client", &addr, "--duration", "200ms"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("authentication failed") && stderr.contains("cluster secret"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, stderr) = run(&["client", &addr, "--secret-file", &secret]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
