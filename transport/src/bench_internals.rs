@@ -50,6 +50,9 @@ pub struct ProtoPair {
     next_op: u64,
     /// Datagrams carried so far, both directions.
     pub datagrams: u64,
+    /// The first datagrams carried (handshake, data, ACKs), kept when `recording`.
+    recorded: Vec<Vec<u8>>,
+    recording: bool,
 }
 
 impl ProtoPair {
@@ -85,6 +88,8 @@ impl ProtoPair {
             payload: vec![0x5a; 64 << 10].into(),
             next_op: 0,
             datagrams: 0,
+            recorded: Vec::new(),
+            recording: false,
         };
         pair.pump();
         assert_eq!(
@@ -141,6 +146,9 @@ impl ProtoPair {
             }
             while let Some((to_b, d)) = self.wire.pop_front() {
                 self.datagrams += 1;
+                if self.recording && self.recorded.len() < 64 {
+                    self.recorded.push(d.clone());
+                }
                 if let Ok(p) = Packet::decode(&d) {
                     if to_b {
                         self.b.handle(self.now, &p, &d, &mut self.sink_b);
@@ -195,18 +203,38 @@ impl ProtoPair {
 ///
 /// `input` is a sequence of records `[len_lo, len_hi, bytes…]`: bit 15 of the length
 /// picks the side the datagram is delivered to, bit 14 first advances the virtual clock
-/// by 50 ms (firing timers), the low 12 bits are the datagram's length. An INIT also
-/// opens a fresh target connection, as a listener would. Between records, and at the
-/// end, both sides exchange what they have to say for a bounded number of rounds. Must
-/// never panic, whatever the input.
+/// by 50 ms (firing timers), the low 12 bits are the record's length. With bit 13 the
+/// record does not hold a datagram but mutates a real one: its first byte picks one of
+/// the datagrams the pair exchanged while connecting and moving a few messages (so the
+/// fuzzer starts from valid DATA and ACK packets), and its other bytes are XORed into
+/// it. An INIT also opens a fresh target connection, as a listener would. Between
+/// records, and at the end, both sides exchange what they have to say for a bounded
+/// number of rounds. Must never panic, whatever the input.
 pub fn proto_receive(input: &[u8]) {
     let mut pair = ProtoPair::new(1472);
+    pair.recording = true;
+    pair.transfer(4, 1024);
+    pair.transfer(6, 8);
+    pair.recording = false;
+    let real = std::mem::take(&mut pair.recorded);
     let mut rest = input;
     while rest.len() >= 2 {
         let head = u16::from_le_bytes([rest[0], rest[1]]);
         let len = usize::from(head & 0x0fff).min(rest.len() - 2);
-        let d = &rest[2..2 + len];
+        let record = &rest[2..2 + len];
         rest = &rest[2 + len..];
+        let mutated;
+        let d = match (head & 0x2000 != 0, record.split_first()) {
+            (true, Some((&pick, flips))) if !real.is_empty() => {
+                let mut m = real[usize::from(pick) % real.len()].clone();
+                for (b, f) in m.iter_mut().zip(flips) {
+                    *b ^= f;
+                }
+                mutated = m;
+                &mutated[..]
+            }
+            _ => record,
+        };
         if head & 0x4000 != 0 {
             pair.now += Duration::from_millis(50);
             for c in [&mut pair.a, &mut pair.b] {
@@ -319,6 +347,15 @@ mod tests {
             input.extend_from_slice(d);
         }
         proto_receive(&input);
+        // Real datagrams replayed unchanged and with bits flipped, to both sides.
+        let mut replay = Vec::new();
+        for pick in 0u8..40 {
+            for (side, flip) in [(0u16, 0u8), (0x8000, 0x10)] {
+                replay.extend_from_slice(&(0x2000 | side | 3).to_le_bytes());
+                replay.extend_from_slice(&[pick, 0, flip]);
+            }
+        }
+        proto_receive(&replay);
         proto_receive(&[0xff]);
         proto_receive(&[0xff, 0xff, 1, 2]);
     }
