@@ -443,12 +443,7 @@ impl Loopback {
                 .mtu(LOOPBACK_MTU),
         )?;
         let serving = spawn_server(&server, 1 << 30);
-        let client = Endpoint::bind(
-            EndpointConfig::new()
-                .progress(Progress::Caller)
-                .wait_mode(WaitMode::BusyPoll)
-                .mtu(LOOPBACK_MTU),
-        )?;
+        let client = Endpoint::bind(client_config(&server.local_addrs()[0]))?;
         Ok(Loopback {
             client,
             serving,
@@ -578,14 +573,21 @@ fn server(a: &ServerArgs) -> AnyResult {
             WaitMode::Block
         });
     let ep = Endpoint::bind(with_secret(cfg))?;
+    // Whoever started the server may stop reading its output after the first line: a
+    // closed stdout must not stop the server (println! would panic on EPIPE).
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     for addr in ep.local_addrs() {
-        println!("pfs-bench server listening on {addr}");
+        let _ = writeln!(out, "pfs-bench server listening on {addr}");
     }
     if SECRET.get().is_some() {
-        println!("pfs-bench server: clients must hold the cluster secret");
+        let _ = writeln!(
+            out,
+            "pfs-bench server: clients must hold the cluster secret"
+        );
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let _ = out.flush();
+    drop(out);
     let _serving = spawn_server(&ep, a.max_region);
     loop {
         std::thread::park();
@@ -609,6 +611,17 @@ pub(crate) fn mtu_for(addr: &Address) -> usize {
     }
 }
 
+/// A measuring client towards `addr`: it drives its own progress, busy-polling, at the
+/// path's MTU, with the cluster secret when one was given.
+pub(crate) fn client_config(addr: &Address) -> EndpointConfig {
+    with_secret(
+        EndpointConfig::new()
+            .progress(Progress::Caller)
+            .wait_mode(WaitMode::BusyPoll)
+            .mtu(mtu_for(addr)),
+    )
+}
+
 /// Run one measurement as a client of a `pfs-bench server` (used by `client` and by
 /// `compare`).
 #[allow(clippy::too_many_arguments)]
@@ -622,14 +635,11 @@ pub(crate) fn client_measure(
     mode: &str,
     zero_copy_send: bool,
 ) -> AnyResult<scenario::Measurement> {
-    let mut cfg = EndpointConfig::new()
-        .progress(Progress::Caller)
-        .wait_mode(WaitMode::BusyPoll)
-        .mtu(mtu_for(addr));
+    let mut cfg = client_config(addr);
     if zero_copy_send {
         cfg = cfg.zero_copy_send(64 << 10);
     }
-    let ep = Endpoint::bind(with_secret(cfg))?;
+    let ep = Endpoint::bind(cfg)?;
     let conn = ep.connect_addr(addr)?;
     let region = match test {
         Test::Latency | Test::ReadLatency | Test::Atomic => (1 << 20).max(size),

@@ -226,12 +226,7 @@ impl Target {
 
     fn remote(kind: BackendKind) -> AnyResult<Target> {
         let (server, addr) = crate::twohost::pfs_server(kind.scheme())?;
-        let client = Endpoint::bind(
-            pfs_transport::EndpointConfig::new()
-                .progress(pfs_transport::Progress::Caller)
-                .wait_mode(pfs_transport::WaitMode::BusyPoll)
-                .mtu(crate::mtu_for(&addr)),
-        )?;
+        let client = Endpoint::bind(crate::client_config(&addr))?;
         Ok(Target {
             client,
             addr,

@@ -199,12 +199,31 @@ pub(crate) fn check_target(
 
 /// A fresh random nonce.
 pub(crate) fn nonce() -> Result<[u8; NONCE_LEN]> {
-    let mut n = [0u8; NONCE_LEN];
-    getrandom::fill(&mut n).map_err(|e| Error::Io {
-        call: "getrandom",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(n)
+    crate::sys::random_bytes()
+}
+
+/// Target: answer an authenticating HELLO that carried `initiator_nonce`. Returns the
+/// transcript the initiator's proof must cover, and the HELLO_ACK payload (our nonce
+/// and our proof).
+pub(crate) fn answer_initiator(
+    secret: &Secret,
+    initiator_nonce: &[u8],
+    initiator: u64,
+    target: u64,
+) -> Result<(Transcript, Vec<u8>)> {
+    let initiator_nonce: [u8; NONCE_LEN] = initiator_nonce
+        .try_into()
+        .map_err(|_| Error::AuthFailed("the peer's nonce has the wrong length".into()))?;
+    let target_nonce = nonce()?;
+    let t = Transcript {
+        initiator_nonce,
+        target_nonce,
+        initiator,
+        target,
+    };
+    let mut payload = target_nonce.to_vec();
+    payload.extend_from_slice(&secret.target_proof(&t));
+    Ok((t, payload))
 }
 
 #[cfg(test)]

@@ -383,12 +383,7 @@ impl std::fmt::Debug for Endpoint {
 
 fn new_core(config: EndpointConfig) -> Result<Arc<Core>> {
     config.validate()?;
-    let mut id_bytes = [0u8; 8];
-    getrandom::fill(&mut id_bytes).map_err(|e| Error::Io {
-        call: "getrandom",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let id = u64::from_le_bytes(id_bytes) | 1;
+    let id = u64::from_le_bytes(crate::sys::random_bytes()?) | 1;
     Ok(Arc::new(Core {
         id,
         regions: RegionTable::new(id),

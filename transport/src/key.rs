@@ -281,12 +281,7 @@ pub(crate) fn now_ms() -> u64 {
 
 /// A fresh unguessable token from the operating system's CSPRNG.
 pub(crate) fn new_token() -> Result<[u8; TOKEN_LEN]> {
-    let mut t = [0u8; TOKEN_LEN];
-    getrandom::fill(&mut t).map_err(|e| Error::Io {
-        call: "getrandom",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(t)
+    crate::sys::random_bytes()
 }
 
 /// Compare tokens in time independent of where they differ.

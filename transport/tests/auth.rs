@@ -2,11 +2,13 @@
 //! secret connect and work; a peer without it, with another one, or one that skips its
 //! proof is refused with an error naming why, before it reaches any memory.
 
+mod conformance;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use pfs_transport::wire::{self, Body, Header, Limits, MAX_HEADER_LEN, PREFIX_LEN, Target};
+use pfs_transport::wire::{self, Body, Header, Target};
 use pfs_transport::{Endpoint, EndpointConfig, Error, Rights, Secret};
 
 const SCHEMES: [&str; 2] = ["tcp", "udp"];
@@ -128,32 +130,6 @@ fn different_secrets_are_refused() {
     }
 }
 
-fn enc(h: &Header) -> Vec<u8> {
-    let mut b = [0u8; MAX_HEADER_LEN];
-    let n = h.encode(&mut b);
-    b[..n].to_vec()
-}
-
-fn read_message(s: &mut TcpStream) -> (Header, Vec<u8>) {
-    let mut b = vec![0u8; PREFIX_LEN];
-    s.read_exact(&mut b).unwrap();
-    loop {
-        match Header::decode(&b, &Limits::default()) {
-            Ok((h, _)) => {
-                let mut p = vec![0u8; h.payload_len as usize];
-                s.read_exact(&mut p).unwrap();
-                return (h, p);
-            }
-            Err(wire::DecodeError::Incomplete { need }) => {
-                let have = b.len();
-                b.resize(need, 0);
-                s.read_exact(&mut b[have..]).unwrap();
-            }
-            Err(e) => panic!("bad header from the endpoint: {e}"),
-        }
-    }
-}
-
 /// A raw peer that opens an authenticating HELLO, reads the target's proof, and then
 /// sends `next` instead of a valid AUTH: it is refused with an ERROR, and the region it
 /// aimed at is untouched.
@@ -161,18 +137,11 @@ fn raw_skips_its_proof(next: impl Fn(&Target) -> Vec<u8>) {
     let srv = server("tcp", Some(secret("the-cluster-secret-of-this-test")));
     let region = srv.alloc_region(4096, Rights::ALL).unwrap();
     let key = region.key(Rights::ALL).unwrap();
-    // The key's binary form: version, owner, region, length, rights, then the token.
-    let mut token = [0u8; wire::TOKEN_LEN];
-    token.copy_from_slice(&key.to_bytes()[26..26 + wire::TOKEN_LEN]);
-    let target = Target {
-        region: key.region(),
-        offset: 0,
-        token,
-    };
+    let target = conformance::target_of(&key, 0);
     let addr = srv.local_addrs()[0].socket_addr();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut hello = enc(&Header {
+    let mut hello = conformance::encode(&Header {
         op_id: 0,
         payload_len: 32,
         body: Body::Hello {
@@ -185,13 +154,13 @@ fn raw_skips_its_proof(next: impl Fn(&Target) -> Vec<u8>) {
     });
     hello.extend_from_slice(&[9u8; 32]);
     s.write_all(&hello).unwrap();
-    let (h, p) = read_message(&mut s);
+    let (h, p) = conformance::read_message(&mut s);
     assert!(
         matches!(h.body, Body::HelloAck { features, .. } if features & wire::FEATURE_AUTH != 0)
     );
     assert_eq!(p.len(), 64, "the target's nonce and proof");
     s.write_all(&next(&target)).unwrap();
-    let (h, p) = read_message(&mut s);
+    let (h, p) = conformance::read_message(&mut s);
     assert_eq!(
         h.body,
         Body::Error {
@@ -215,7 +184,7 @@ fn raw_skips_its_proof(next: impl Fn(&Target) -> Vec<u8>) {
 #[test]
 fn a_write_in_place_of_the_proof_is_refused_and_touches_nothing() {
     raw_skips_its_proof(|t| {
-        let mut m = enc(&Header {
+        let mut m = conformance::encode(&Header {
             op_id: 1,
             payload_len: 16,
             body: Body::Write {
@@ -233,7 +202,7 @@ fn a_write_in_place_of_the_proof_is_refused_and_touches_nothing() {
 #[test]
 fn a_wrong_proof_is_refused() {
     raw_skips_its_proof(|_| {
-        let mut m = enc(&Header {
+        let mut m = conformance::encode(&Header {
             op_id: 0,
             payload_len: 32,
             body: Body::Auth,

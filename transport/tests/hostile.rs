@@ -13,19 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pfs_transport::wire::{self, Body, Header, MAX_HEADER_LEN, Target};
+use pfs_transport::wire::{Body, Header, MAX_HEADER_LEN, Target};
 use pfs_transport::{Address, Connection, Endpoint, EndpointConfig, Region, RegionKey, Rights};
 
 const ATTACK: Duration = Duration::from_secs(3);
 
-fn enc(h: &Header) -> Vec<u8> {
-    let mut b = [0u8; MAX_HEADER_LEN];
-    let n = h.encode(&mut b);
-    b[..n].to_vec()
-}
-
 fn hello() -> Vec<u8> {
-    enc(&Header {
+    conformance::encode(&Header {
         op_id: 0,
         payload_len: 0,
         body: Body::Hello {
@@ -38,19 +32,10 @@ fn hello() -> Vec<u8> {
     })
 }
 
-/// The target of `key` as the wire names it (token from the key's binary form).
-fn target_of(key: &RegionKey, offset: u64) -> Target {
-    let mut token = [0u8; wire::TOKEN_LEN];
-    token.copy_from_slice(&key.to_bytes()[26..26 + wire::TOKEN_LEN]);
-    Target {
-        region: key.region(),
-        offset,
-        token,
-    }
-}
+use conformance::target_of;
 
 fn write_msg(t: Target, op_id: u64, op_len: u64, payload: &[u8]) -> Vec<u8> {
-    let mut m = enc(&Header {
+    let mut m = conformance::encode(&Header {
         op_id,
         payload_len: payload.len() as u32,
         body: Body::Write {
@@ -79,7 +64,7 @@ fn tcp_forgeries(victim: &RegionKey) -> Vec<Vec<u8>> {
         write_msg(target_of(victim, len - 8), 3, 64, &evil),
         write_msg(target_of(victim, u64::MAX - 16), 4, 64, &evil),
         write_msg(target_of(victim, len), 5, 1, &evil[..1]),
-        enc(&Header {
+        conformance::encode(&Header {
             op_id: 6,
             payload_len: 0,
             body: Body::Read {
@@ -87,7 +72,7 @@ fn tcp_forgeries(victim: &RegionKey) -> Vec<Vec<u8>> {
                 len: 2,
             },
         }),
-        enc(&Header {
+        conformance::encode(&Header {
             op_id: 7,
             payload_len: 0,
             body: Body::Cas {
@@ -96,7 +81,7 @@ fn tcp_forgeries(victim: &RegionKey) -> Vec<Vec<u8>> {
                 new: u64::MAX,
             },
         }),
-        enc(&Header {
+        conformance::encode(&Header {
             op_id: 8,
             payload_len: 0,
             body: Body::Faa {

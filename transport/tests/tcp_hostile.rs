@@ -2,21 +2,17 @@
 //! read, garbage behind a full send queue, absurd handshake answers. Each test states
 //! what the endpoint must do instead of hanging, growing or corrupting memory.
 
-use std::io::{Read, Write};
+mod conformance;
+
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use pfs_transport::wire::{Body, Header, Limits, MAX_HEADER_LEN, PREFIX_LEN};
+use pfs_transport::wire::{Body, Header};
 use pfs_transport::{Endpoint, EndpointConfig, Error, RegionKey, Rights};
 
-fn enc(h: Header) -> Vec<u8> {
-    let mut b = [0u8; MAX_HEADER_LEN];
-    let n = h.encode(&mut b);
-    b[..n].to_vec()
-}
-
 fn hello(endpoint: u64) -> Vec<u8> {
-    enc(Header {
+    conformance::encode(&Header {
         op_id: 0,
         payload_len: 0,
         body: Body::Hello {
@@ -30,7 +26,7 @@ fn hello(endpoint: u64) -> Vec<u8> {
 }
 
 fn hello_ack(endpoint: u64) -> Vec<u8> {
-    enc(Header {
+    conformance::encode(&Header {
         op_id: 0,
         payload_len: 0,
         body: Body::HelloAck {
@@ -57,26 +53,7 @@ fn key_for(owner: u64, region: u64, len: u64) -> RegionKey {
 
 /// Read one header (and discard its payload) from a raw stream.
 fn read_header(s: &mut TcpStream) -> Header {
-    let mut b = vec![0u8; PREFIX_LEN];
-    s.read_exact(&mut b).unwrap();
-    loop {
-        match Header::decode(&b, &Limits::default()) {
-            Ok((h, _)) => {
-                let mut p = vec![0u8; h.payload_len as usize];
-                s.read_exact(&mut p).unwrap();
-                return h;
-            }
-            Err(e) if e.is_incomplete() => {
-                let have = b.len();
-                let pfs_transport::wire::DecodeError::Incomplete { need } = e else {
-                    unreachable!()
-                };
-                b.resize(need, 0);
-                s.read_exact(&mut b[have..]).unwrap();
-            }
-            Err(e) => panic!("bad header from the endpoint: {e}"),
-        }
-    }
+    conformance::read_message(s).0
 }
 
 #[test]
@@ -93,7 +70,7 @@ fn a_timed_out_read_never_writes_its_region_afterwards() {
         let Body::Read { len, .. } = h.body else {
             panic!("expected READ")
         };
-        s.write_all(&enc(Header {
+        s.write_all(&conformance::encode(&Header {
             op_id: h.op_id,
             payload_len: len as u32,
             body: Body::ReadResp {
@@ -140,7 +117,7 @@ fn a_peer_that_never_reads_is_slowed_down_not_buffered() {
     s.set_nonblocking(true).unwrap();
     let ping: Vec<u8> = (0..4096u64)
         .flat_map(|i| {
-            enc(Header {
+            conformance::encode(&Header {
                 op_id: i,
                 payload_len: 0,
                 body: Body::Ping,
@@ -192,7 +169,7 @@ fn garbage_behind_a_full_send_queue_closes_the_connection_once() {
         .unwrap();
     for i in 0..64u64 {
         let token: [u8; 16] = key.to_bytes()[26..42].try_into().unwrap();
-        s.write_all(&enc(Header {
+        s.write_all(&conformance::encode(&Header {
             op_id: i + 1,
             payload_len: 0,
             body: Body::Read {
@@ -226,7 +203,7 @@ fn an_absurd_handshake_answer_is_refused_before_allocating() {
     let peer = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         read_header(&mut s);
-        let _ = s.write_all(&enc(Header {
+        let _ = s.write_all(&conformance::encode(&Header {
             op_id: 0,
             payload_len: u32::MAX,
             body: Body::Send {

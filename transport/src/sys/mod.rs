@@ -214,6 +214,16 @@ pub(crate) fn poll_wait(fds: &mut [libc::pollfd], timeout: Duration) -> io::Resu
 }
 
 /// Whether the process runs as root (privileged tests probe this and skip loudly).
+/// `N` bytes from the operating system's CSPRNG (tokens, nonces, ids).
+pub(crate) fn random_bytes<const N: usize>() -> crate::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| crate::Error::Io {
+        call: "getrandom",
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(b)
+}
+
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

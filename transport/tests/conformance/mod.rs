@@ -17,6 +17,36 @@ use pfs_transport::{
     WaitMode,
 };
 
+/// A header's wire bytes, for raw peers.
+pub fn encode(h: &pfs_transport::wire::Header) -> Vec<u8> {
+    let mut b = [0u8; pfs_transport::wire::MAX_HEADER_LEN];
+    let n = h.encode(&mut b);
+    b[..n].to_vec()
+}
+
+/// Read one message (header and payload) from a raw stream.
+pub fn read_message(s: &mut std::net::TcpStream) -> (pfs_transport::wire::Header, Vec<u8>) {
+    use pfs_transport::wire::{DecodeError, Header, Limits, PREFIX_LEN};
+    use std::io::Read;
+    let mut b = vec![0u8; PREFIX_LEN];
+    s.read_exact(&mut b).unwrap();
+    loop {
+        match Header::decode(&b, &Limits::default()) {
+            Ok((h, _)) => {
+                let mut p = vec![0u8; h.payload_len as usize];
+                s.read_exact(&mut p).unwrap();
+                return (h, p);
+            }
+            Err(DecodeError::Incomplete { need }) => {
+                let have = b.len();
+                b.resize(need, 0);
+                s.read_exact(&mut b[have..]).unwrap();
+            }
+            Err(e) => panic!("bad header from the endpoint: {e}"),
+        }
+    }
+}
+
 /// How the endpoints of a test are driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -267,6 +297,18 @@ pub fn forge(key: &RegionKey, f: impl FnOnce(&mut Vec<u8>)) -> RegionKey {
 pub const KEY_LEN_AT: usize = 17;
 pub const KEY_RIGHTS_AT: usize = 25;
 pub const KEY_TOKEN_AT: usize = 26;
+
+/// Where `key` points at `offset`, as the wire names it (raw peers forge with it).
+pub fn target_of(key: &RegionKey, offset: u64) -> pfs_transport::wire::Target {
+    let mut token = [0u8; pfs_transport::wire::TOKEN_LEN];
+    let at = KEY_TOKEN_AT;
+    token.copy_from_slice(&key.to_bytes()[at..at + pfs_transport::wire::TOKEN_LEN]);
+    pfs_transport::wire::Target {
+        region: key.region(),
+        offset,
+        token,
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // The tests.

@@ -632,23 +632,20 @@ impl World {
             self.reset(from, init.conn_id, ResetReason::Unsupported);
             return;
         }
-        let open = self.conns.values().filter(|c| !c.proto.is_closed()).count();
+        // One pass: connections open, and those from this address still in handshake.
+        let (mut open, mut from_peer) = (0, 0);
+        for c in self.conns.values().filter(|c| !c.proto.is_closed()) {
+            open += 1;
+            if c.peer.ip() == from.ip() && c.connect.is_none() && c.ops.shared.is_none() {
+                from_peer += 1;
+            }
+        }
         if open >= self.core.config.max_connections {
             tracing::warn!(%from, "refusing a {} connection: at the limit of {} connections", self.kind, self.core.config.max_connections);
             self.count(C::errors, 1);
             self.reset(from, init.conn_id, ResetReason::Busy);
             return;
         }
-        let from_peer = self
-            .conns
-            .values()
-            .filter(|c| {
-                c.peer.ip() == from.ip()
-                    && c.connect.is_none()
-                    && c.ops.shared.is_none()
-                    && !c.proto.is_closed()
-            })
-            .count();
         if from_peer >= self.core.config.max_handshakes_per_peer {
             tracing::debug!(%from, "refusing a {} connection: {from_peer} handshakes from this address already", self.kind);
             self.count(C::handshakes_refused, 1);

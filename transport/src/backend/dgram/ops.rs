@@ -158,9 +158,7 @@ fn small(op_id: u64, body: Body) -> OutMsg {
 fn error_msg(op_id: u64, code: ErrorCode, why: &str) -> OutMsg {
     let mut t = why.as_bytes().to_vec();
     t.truncate(MAX_ERROR_PAYLOAD as usize);
-    let n = t.len();
-    let data: Arc<[u8]> = t.into();
-    msg(op_id, Body::Error { code }, Payload::Shared(data, 0..n), n)
+    with_bytes(op_id, Body::Error { code }, t)
 }
 
 impl OpLayer {
@@ -837,19 +835,11 @@ impl OpSink<'_, '_> {
                          (EndpointConfig::secret)",
                     );
                 }
-                let Ok(ours) = auth::nonce() else {
-                    return self.refuse("no randomness for a nonce here");
+                let (t, answer) = match auth::answer_initiator(&secret, payload, endpoint, core.id)
+                {
+                    Ok(a) => a,
+                    Err(e) => return self.refuse(&e.to_string()),
                 };
-                let mut initiator_nonce = [0u8; auth::NONCE_LEN];
-                initiator_nonce.copy_from_slice(payload);
-                let t = auth::Transcript {
-                    initiator_nonce,
-                    target_nonce: ours,
-                    initiator: endpoint,
-                    target: core.id,
-                };
-                let mut answer = ours.to_vec();
-                answer.extend_from_slice(&secret.target_proof(&t));
                 self.ops.outbox.push(with_bytes(
                     0,
                     Body::HelloAck {

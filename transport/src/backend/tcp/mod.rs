@@ -2138,19 +2138,11 @@ impl Ctx {
             return self.refuse_auth(conn, "authentication out of order".into());
         };
         let hello = *hello;
-        let Ok(ours) = auth::nonce() else {
-            return self.refuse_auth(conn, "no randomness for a nonce here".into());
-        };
-        let mut initiator_nonce = [0u8; auth::NONCE_LEN];
-        initiator_nonce.copy_from_slice(&theirs);
-        let t = auth::Transcript {
-            initiator_nonce,
-            target_nonce: ours,
-            initiator: hello.endpoint,
-            target: self.core.id,
-        };
-        let mut payload = ours.to_vec();
-        payload.extend_from_slice(&secret.target_proof(&t));
+        let (t, payload) =
+            match auth::answer_initiator(&secret, &theirs, hello.endpoint, self.core.id) {
+                Ok(a) => a,
+                Err(e) => return self.refuse_auth(conn, e.to_string()),
+            };
         self.queue_hello_ack(conn, hello.version, wire::FEATURE_AUTH, Some(payload));
         conn.auth = SrvAuth::Proof(hello, t);
     }
