@@ -368,9 +368,8 @@ fn servers_and_clients_authenticate_with_a_secret_file() {
         .spawn()
         .expect("run pfs-bench server");
     let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     let (code, stdout, stderr) = run(&[
         "client",
