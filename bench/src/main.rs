@@ -117,6 +117,10 @@ struct RunArgs {
     /// Write the results as CSV to this file (`-` for stdout), one row per measurement.
     #[arg(long)]
     csv: Option<String>,
+    /// Measure each datagram backend a second time with per-datagram integrity (a
+    /// random cluster secret for this run; rows `udp+mac`), and print its cost.
+    #[arg(long)]
+    integrity: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -145,6 +149,10 @@ struct ServerArgs {
     /// Accept only clients holding the cluster secret in this file (mode 600).
     #[arg(long)]
     secret_file: Option<std::path::PathBuf>,
+    /// Per-datagram integrity on udp/xdp: accept only clients that tag every datagram
+    /// (needs --secret-file).
+    #[arg(long, requires = "secret_file")]
+    integrity: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -185,22 +193,31 @@ struct ClientArgs {
     /// Authenticate with the cluster secret in this file (mode 600).
     #[arg(long)]
     secret_file: Option<std::path::PathBuf>,
+    /// Per-datagram integrity on udp/xdp: tag every datagram (needs --secret-file).
+    #[arg(long, requires = "secret_file")]
+    integrity: bool,
 }
 
 /// The cluster secret `server` and `client` authenticate with, if one was given.
 static SECRET: std::sync::OnceLock<pfs_transport::Secret> = std::sync::OnceLock::new();
 
-fn load_secret(path: Option<&std::path::Path>) -> AnyResult {
+/// Whether `server` and `client` tag every datagram (`--integrity`).
+static INTEGRITY: AtomicBool = AtomicBool::new(false);
+
+fn load_secret(path: Option<&std::path::Path>, integrity: bool) -> AnyResult {
     if let Some(p) = path {
         let _ = SECRET.set(pfs_transport::Secret::from_file(p)?);
     }
+    INTEGRITY.store(integrity, Ordering::Relaxed);
     Ok(())
 }
 
-/// `cfg` with the cluster secret, when one was given.
+/// `cfg` with the cluster secret and per-datagram integrity, when they were asked for.
 fn with_secret(cfg: EndpointConfig) -> EndpointConfig {
     match SECRET.get() {
-        Some(s) => cfg.secret(s.clone()),
+        Some(s) => cfg
+            .secret(s.clone())
+            .datagram_integrity(INTEGRITY.load(Ordering::Relaxed)),
         None => cfg,
     }
 }
@@ -429,21 +446,38 @@ pub(crate) struct Loopback {
 }
 
 impl Loopback {
-    pub(crate) fn start(kind: BackendKind, m: &LoopbackMode) -> AnyResult<Loopback> {
+    /// With `integrity`, both ends hold a random cluster secret made for this run and
+    /// tag every datagram.
+    pub(crate) fn start(
+        kind: BackendKind,
+        m: &LoopbackMode,
+        integrity: bool,
+    ) -> AnyResult<Loopback> {
         if let Some(why) = kind.unavailable_reason() {
             return Err(format!("backend {kind} is not available: {why}").into());
         }
         let listen = format!("{}://127.0.0.1:0", kind.scheme());
+        let secret = if integrity {
+            let mut key = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+            Some(pfs_transport::Secret::from_bytes(&key)?)
+        } else {
+            None
+        };
+        let both = |cfg: EndpointConfig| match &secret {
+            Some(s) => cfg.secret(s.clone()).datagram_integrity(true),
+            None => cfg,
+        };
         // Loopback carries 64 KiB datagrams: the datagram backends use them.
-        let server = Endpoint::bind(
+        let server = Endpoint::bind(both(
             EndpointConfig::new()
                 .listen(&listen)?
                 .progress(m.server_progress.clone())
                 .wait_mode(m.server_wait)
                 .mtu(LOOPBACK_MTU),
-        )?;
+        ))?;
         let serving = spawn_server(&server, 1 << 30);
-        let client = Endpoint::bind(client_config(&server.local_addrs()[0]))?;
+        let client = Endpoint::bind(both(client_config(&server.local_addrs()[0])))?;
         Ok(Loopback {
             client,
             serving,
@@ -489,12 +523,28 @@ fn default_run(a: &RunArgs) -> AnyResult {
     }
     let lm = LoopbackMode::detect();
     let mode = lm.text.clone();
-    for kind in backends {
+    let datagram = |k: &BackendKind| matches!(k, BackendKind::Udp | BackendKind::Xdp);
+    let variants: Vec<(BackendKind, bool)> = backends
+        .iter()
+        .flat_map(|k| {
+            let with = a.integrity && datagram(k);
+            [(*k, false)].into_iter().chain(with.then_some((*k, true)))
+        })
+        .collect();
+    if a.integrity && !backends.iter().any(datagram) {
+        return Err("--integrity measures the datagram backends (udp): add --backend udp".into());
+    }
+    for (kind, integrity) in variants {
+        let label = if integrity {
+            format!("{kind}+mac")
+        } else {
+            kind.to_string()
+        };
         let Loopback {
             client,
             serving,
             server,
-        } = Loopback::start(kind, &lm)?;
+        } = Loopback::start(kind, &lm, integrity)?;
         let conn = client.connect_addr(&server.local_addrs()[0])?;
         for (side, ep) in [("server", &server), ("client", &client)] {
             for d in ep.describe() {
@@ -526,11 +576,13 @@ fn default_run(a: &RunArgs) -> AnyResult {
                 warmup: Duration::from_millis(300),
             };
             units::progress(&format!(
-                "  {kind} {} {} ...",
+                "  {label} {} {} ...",
                 test.name(),
                 units::fmt_size(size)
             ));
-            report.results.push(c.run(&p)?);
+            let mut m = c.run(&p)?;
+            m.backend = label.clone();
+            report.results.push(m);
         }
         // Stop this backend's server (and its spinning progress thread) before the next.
         drop(c);
@@ -544,6 +596,7 @@ fn default_run(a: &RunArgs) -> AnyResult {
     report.reality_check_with_nic("loopback, one process (no NIC involved)", None);
     println!();
     report.print_results();
+    report.print_integrity_cost();
     report.print_reality();
     println!("  run time: {:.1} s", report.elapsed_s);
     report.write_outputs(a.json.as_deref(), a.csv.as_deref())?;
@@ -561,7 +614,7 @@ fn server(a: &ServerArgs) -> AnyResult {
     if a.die_with_parent {
         signals::die_with_parent();
     }
-    load_secret(a.secret_file.as_deref())?;
+    load_secret(a.secret_file.as_deref(), a.integrity)?;
     let listen = with_backend(&a.listen, a.backend);
     let cfg = EndpointConfig::new()
         .listen(&listen.to_string())?
@@ -665,7 +718,7 @@ pub(crate) fn client_measure(
 }
 
 fn client(a: &ClientArgs) -> AnyResult {
-    load_secret(a.secret_file.as_deref())?;
+    load_secret(a.secret_file.as_deref(), a.integrity)?;
     let addr = with_backend(&a.addr, a.backend);
     if let Some(c) = a.cpu {
         pfs_transport::pin_current_thread(c).map_err(|e| format!("cannot pin to cpu {c}: {e}"))?;

@@ -314,6 +314,44 @@ impl Report {
         });
     }
 
+    /// For every `BACKEND+mac` row (per-datagram integrity), its cost against the plain
+    /// row of the same test: bandwidth and median latency ratios.
+    pub fn print_integrity_cost(&self) {
+        let mut first = true;
+        for m in self.results.iter().filter(|m| m.backend.ends_with("+mac")) {
+            let plain = m.backend.trim_end_matches("+mac");
+            let Some(p) = self.results.iter().find(|p| {
+                p.backend == plain && p.test == m.test && p.size == m.size && p.depth == m.depth
+            }) else {
+                continue;
+            };
+            if first {
+                println!(
+                    "per-datagram integrity (keyed BLAKE3 tag on every datagram), against the same test without:"
+                );
+                first = false;
+            }
+            let what = format!("{} {} {}", plain, m.test.name(), fmt_size(m.size));
+            match (&p.latency, &m.latency) {
+                (Some(a), Some(b)) if a.p50_us > 0.0 => println!(
+                    "  {what:<24} p50 {:.2} -> {:.2} µs ({:.2}x)",
+                    a.p50_us,
+                    b.p50_us,
+                    b.p50_us / a.p50_us
+                ),
+                _ if p.gbytes_per_s > 0.0 => println!(
+                    "  {what:<24} {:.3} -> {:.3} GB/s ({:.2}x), {:.3} -> {:.3} Mops/s",
+                    p.gbytes_per_s,
+                    m.gbytes_per_s,
+                    m.gbytes_per_s / p.gbytes_per_s,
+                    p.mops_per_s,
+                    m.mops_per_s
+                ),
+                _ => {}
+            }
+        }
+    }
+
     pub fn print_results(&self) {
         if self.results.is_empty() {
             return;

@@ -215,7 +215,7 @@ impl Target {
             client,
             serving,
             server,
-        } = Loopback::start(kind, lm)?;
+        } = Loopback::start(kind, lm, false)?;
         Ok(Target {
             client,
             addr: server.local_addrs()[0].clone(),

@@ -355,33 +355,49 @@ fn servers_and_clients_authenticate_with_a_secret_file() {
     std::fs::write(&secret, "a-cluster-secret-for-this-test\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let secret = secret.to_str().unwrap().to_string();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_pfs-bench"))
-        .args([
-            "server",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--secret-file",
-            &secret,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run pfs-bench server");
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
-    out.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let (code, stdout, stderr) = run(&[
+    let serve = |listen: &str, extra: &[&str]| {
+        let mut server = Command::new(env!("CARGO_BIN_EXE_pfs-bench"))
+            .args(["server", "--listen", listen, "--secret-file", &secret])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run pfs-bench server");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        (server, addr, out)
+    };
+    // udp with per-datagram integrity required by the server.
+    let (mut server, addr, _out) = serve("udp://127.0.0.1:0", &["--integrity"]);
+    let measures = |addr: &str, extra: &[&str]| {
+        let mut args = vec!["client", addr, "--duration", "200ms", "--warmup", "0"];
+        args.extend_from_slice(&["--secret-file", &secret]);
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+    };
+    measures(&addr, &["--integrity"]);
+    let (code, _, stderr) = run(&[
         "client",
         &addr,
         "--duration",
         "200ms",
-        "--warmup",
-        "0",
         "--secret-file",
         &secret,
     ]);
-    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("requires per-datagram integrity"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&["client", &addr, "--integrity"]);
+    assert_eq!(code, 2, "--integrity needs --secret-file: {stderr}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let (mut server, addr, _out) = serve("tcp://127.0.0.1:0", &[]);
+    measures(&addr, &[]);
     let (code, _, stderr) = run(&["client", &addr, "--duration", "200ms"]);
     assert_eq!(code, 1);
     assert!(
@@ -395,4 +411,32 @@ fn servers_and_clients_authenticate_with_a_secret_file() {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn integrity_is_measured_next_to_the_plain_run() {
+    let (code, stdout, stderr) = run(&[
+        "run",
+        "--backend",
+        "udp",
+        "--integrity",
+        "--duration",
+        "150ms",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("udp+mac"), "{stdout}");
+    let cost = stdout
+        .split("per-datagram integrity")
+        .nth(1)
+        .expect("an integrity cost section");
+    for test in ["write 1 MiB", "read 1 MiB", "latency 64 B"] {
+        assert!(cost.contains(&format!("udp {test}")), "{test}: {cost}");
+    }
+    // tcp has no datagrams to tag.
+    let (code, _, stderr) = run(&["run", "--backend", "tcp", "--integrity"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--integrity measures the datagram backends"),
+        "{stderr}"
+    );
 }

@@ -109,6 +109,11 @@ impl Secret {
         Secret::from_bytes(&v).map_err(|e| Error::InvalidArgument(format!("{var}: {e}")))
     }
 
+    /// The secret's bytes, for key derivation.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self, label: &[u8], t: &Transcript) -> HmacSha256 {
         let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         m.update(label);

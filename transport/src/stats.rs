@@ -88,6 +88,9 @@ counters! {
     /// Connections refused because the peer did not prove it holds the cluster secret
     /// (target side), or did not prove it to us (initiator side).
     auth_failures,
+    /// Datagrams dropped because their integrity tag was missing or wrong
+    /// (`EndpointConfig::datagram_integrity`).
+    integrity_failures,
     /// Connection attempts refused because their source IP address already had
     /// `max_handshakes_per_peer` connections in their handshake.
     handshakes_refused,

@@ -211,3 +211,99 @@ fn a_wrong_proof_is_refused() {
         m
     });
 }
+
+/// A udp endpoint with the secret and per-datagram integrity set as given.
+fn udp_endpoint(listen: bool, s: Option<&str>, integrity: bool) -> Endpoint {
+    let mut cfg = EndpointConfig::new().connect_timeout(Duration::from_secs(5));
+    if listen {
+        cfg = cfg.listen("udp://127.0.0.1:0").unwrap();
+    }
+    if let Some(s) = s {
+        cfg = cfg.secret(secret(s));
+    }
+    Endpoint::bind(cfg.datagram_integrity(integrity)).unwrap()
+}
+
+/// Write and read back through `conn`, then exchange a message.
+fn works(srv: &Endpoint, cli: &Endpoint) {
+    let region = srv.alloc_region(64 << 10, Rights::ALL).unwrap();
+    let key = region.key(Rights::ALL).unwrap();
+    let conn = cli.connect_addr(&srv.local_addrs()[0]).unwrap();
+    let accepted = srv.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    let local = cli.alloc_region(64 << 10, Rights::ALL).unwrap();
+    let data: Vec<u8> = (0..64 << 10).map(|i: u32| (i * 7 + 3) as u8).collect();
+    local.write_at(0, &data).unwrap();
+    conn.write(&local, 0, &key, 0, 64 << 10)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let back = cli.alloc_region(64 << 10, Rights::ALL).unwrap();
+    conn.read(&back, 0, &key, 0, 64 << 10)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(back.to_vec(0, 64 << 10).unwrap(), data);
+    conn.send(b"tagged").unwrap().wait().unwrap();
+    let m = accepted.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(m.as_deref(), Some(&b"tagged"[..]));
+}
+
+#[test]
+fn datagram_integrity_works_when_both_ends_hold_the_secret() {
+    let k = "the-cluster-secret-of-this-test";
+    // Both ask for it, or only the initiator does (a target with the secret grants it).
+    for srv_integrity in [true, false] {
+        let srv = udp_endpoint(true, Some(k), srv_integrity);
+        let cli = udp_endpoint(false, Some(k), true);
+        works(&srv, &cli);
+        let (s, c) = (srv.stats(), cli.stats());
+        assert_eq!(s.integrity_failures + c.integrity_failures, 0);
+        assert_eq!(s.auth_failures + c.auth_failures, 0);
+    }
+}
+
+fn integrity_refused(srv: Endpoint, cli: Endpoint, hint: &str) {
+    match cli.connect_addr(&srv.local_addrs()[0]) {
+        Err(Error::AuthFailed(why)) => assert!(why.contains(hint), "{why}"),
+        Err(e) => panic!("expected an authentication failure, got {e}"),
+        Ok(_) => panic!("connected although integrity could not be agreed"),
+    }
+    assert!(cli.stats().auth_failures >= 1);
+    assert!(
+        srv.accept_timeout(Duration::from_millis(200))
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn datagram_integrity_that_cannot_be_agreed_is_refused_with_the_reason() {
+    let k = "the-cluster-secret-of-this-test";
+    // The target requires integrity; the initiator (with the secret) does not ask.
+    let srv = udp_endpoint(true, Some(k), true);
+    let cli = udp_endpoint(false, Some(k), false);
+    integrity_refused(srv, cli, "requires per-datagram integrity");
+    // The initiator asks; the target has no secret to derive keys from.
+    integrity_refused(
+        udp_endpoint(true, None, false),
+        udp_endpoint(false, Some(k), true),
+        "has no cluster secret",
+    );
+    // Different secrets: the target's INIT_ACK does not verify.
+    integrity_refused(
+        udp_endpoint(true, Some("another-secret-altogether-here"), true),
+        udp_endpoint(false, Some(k), true),
+        "different secrets",
+    );
+}
+
+#[test]
+fn datagram_integrity_without_a_secret_is_a_configuration_error() {
+    match Endpoint::bind(EndpointConfig::new().datagram_integrity(true)) {
+        Err(Error::InvalidArgument(why)) => {
+            assert!(why.contains("needs a cluster secret"), "{why}")
+        }
+        Err(e) => panic!("expected InvalidArgument, got {e}"),
+        Ok(_) => panic!("integrity without a secret was accepted"),
+    }
+}

@@ -50,7 +50,22 @@ fn udp_authenticated(mode: Mode) -> Fixture {
     }
 }
 
+/// The secret and per-datagram integrity: every datagram after INIT carries a tag.
+fn udp_integrity(mode: Mode) -> Fixture {
+    Fixture {
+        tweak: |c| {
+            c.secret(pfs_transport::Secret::from_bytes(b"conformance-suite-secret").unwrap())
+                .datagram_integrity(true)
+        },
+        ..udp(mode)
+    }
+}
+
 conformance_suite!(thread_block, super::udp(super::Mode::ThreadBlock));
+conformance_suite!(
+    integrity_thread,
+    super::udp_integrity(super::Mode::ThreadBlock)
+);
 conformance_suite!(
     authenticated_thread,
     super::udp_authenticated(super::Mode::ThreadBlock)

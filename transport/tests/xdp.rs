@@ -223,7 +223,7 @@ fn bytes_arrive_exactly_with_one_and_ten_percent_of_packets_dropped() {
 /// may overtake the client's proof): a peer without the secret is refused, one with it
 /// moves bytes exactly.
 #[test]
-fn authentication_holds_over_xdp_under_loss() {
+fn authentication_and_integrity_hold_over_xdp_under_loss() {
     if !two_hosts() {
         return;
     }
@@ -237,6 +237,7 @@ fn authentication_holds_over_xdp_under_loss() {
             .unwrap()
             .op_timeout(Duration::from_secs(60))
             .secret(secret())
+            .datagram_integrity(true)
             .fault_drop_per_million(100_000),
     )
     .expect("xdp server");
@@ -256,13 +257,18 @@ fn authentication_holds_over_xdp_under_loss() {
     let client = Endpoint::bind(
         EndpointConfig::new()
             .op_timeout(Duration::from_secs(60))
-            .secret(secret()),
+            .secret(secret())
+            .datagram_integrity(true),
     )
     .unwrap();
     let conn = client
         .connect(&format!("xdp://pfs-b0/{SERVER_IP}:{port}"))
         .unwrap();
     transfer_byte_exact(&conn, &client, &server, 8 << 20);
+    assert_eq!(
+        server.stats().integrity_failures + client.stats().integrity_failures,
+        0
+    );
 }
 
 #[test]

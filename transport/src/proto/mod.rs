@@ -13,6 +13,7 @@
 //! lets one-sided writes be placed straight at their offset without a reassembly buffer.
 //! Ordering, where the API promises it (`fence`), is the initiator's business.
 
+pub(crate) mod mac;
 pub(crate) mod packet;
 pub(crate) mod recovery;
 
@@ -49,6 +50,10 @@ pub(crate) struct Config {
     pub(crate) dead_after: Duration,
     /// Messages queued for sending before `can_queue` says no.
     pub(crate) max_queue: usize,
+    /// The cluster secret: session keys for per-datagram integrity derive from it.
+    pub(crate) secret: Option<crate::auth::Secret>,
+    /// Initiator: ask for per-datagram integrity. Target: refuse peers that do not.
+    pub(crate) integrity: bool,
 }
 
 impl Default for Config {
@@ -64,6 +69,8 @@ impl Default for Config {
             keepalive: Duration::from_secs(1),
             dead_after: Duration::from_secs(10),
             max_queue: 1 << 16,
+            secret: None,
+            integrity: false,
         }
     }
 }
@@ -112,6 +119,8 @@ pub(crate) trait Out {
     fn clear(&mut self);
     /// Call once the datagram is complete.
     fn finish(&mut self) {}
+    /// Feed every byte written so far to `h`.
+    fn hash_into(&self, h: &mut blake3::Hasher);
     fn out_len(&self) -> usize;
 }
 
@@ -125,6 +134,9 @@ impl Out for Vec<u8> {
     }
     fn clear(&mut self) {
         Vec::clear(self);
+    }
+    fn hash_into(&self, h: &mut blake3::Hasher) {
+        h.update(self);
     }
     fn out_len(&self) -> usize {
         self.len()
@@ -148,6 +160,11 @@ impl Out for crate::sys::net::Datagram {
     }
     fn finish(&mut self) {
         crate::sys::net::Datagram::finish(self);
+    }
+    fn hash_into(&self, h: &mut blake3::Hasher) {
+        self.for_each_piece(|b| {
+            h.update(b);
+        });
     }
     fn out_len(&self) -> usize {
         self.len()
@@ -201,6 +218,8 @@ pub(crate) struct ProtoStats {
     pub(crate) dropped: u64,
     pub(crate) malformed: u64,
     pub(crate) duplicates: u64,
+    /// Datagrams whose integrity tag was missing or wrong.
+    pub(crate) integrity_failures: u64,
     /// Payload bytes copied into flat datagram buffers.
     pub(crate) bytes_copied: u64,
 }
@@ -368,11 +387,31 @@ pub(crate) struct Conn {
     handshake_backoff: u32,
     send_init_ack: bool,
     reset_pending: Option<ResetReason>,
+    /// Our integrity nonce, sent in INIT / INIT_ACK (integrity asked for or granted).
+    mac_nonce: Option<[u8; mac::NONCE_LEN]>,
+    /// Session keys, once both nonces are known.
+    keys: Option<mac::Keys>,
     pub(crate) stats: ProtoStats,
 }
 
 fn header_overhead() -> usize {
     packet::PREFIX_LEN + packet::MAX_ACK_LEN
+}
+
+/// Why a connection that asked for per-datagram integrity was refused.
+pub(crate) const INTEGRITY_REFUSED: &str = "the peer refused per-datagram integrity: it has no \
+     cluster secret (configure the same secret on both ends)";
+/// Why a connection that did not ask for per-datagram integrity was refused.
+pub(crate) const INTEGRITY_REQUIRED: &str = "the peer requires per-datagram integrity: \
+     configure the same cluster secret here and turn datagram_integrity on";
+/// Why a connection whose INIT_ACK did not verify was abandoned.
+pub(crate) const INTEGRITY_MISMATCH: &str = "the peer's INIT_ACK does not verify under this \
+     endpoint's cluster secret: the two ends have different secrets (or the datagram was \
+     forged)";
+
+/// Whether a connection that closed for `why` failed authentication.
+pub(crate) fn is_auth_failure(why: &str) -> bool {
+    [INTEGRITY_REFUSED, INTEGRITY_REQUIRED, INTEGRITY_MISMATCH].contains(&why)
 }
 
 impl Conn {
@@ -440,6 +479,8 @@ impl Conn {
             handshake_backoff: 0,
             send_init_ack: false,
             reset_pending: None,
+            mac_nonce: None,
+            keys: None,
             stats: ProtoStats::default(),
             cfg: Config { window, ..cfg },
         }
@@ -456,6 +497,40 @@ impl Conn {
             .max(header_overhead() + MAX_HEADER_LEN + 1);
     }
 
+    /// Initiator: ask for per-datagram integrity, with our fresh `nonce`. Only before
+    /// the INIT goes out.
+    pub(crate) fn request_integrity(&mut self, nonce: [u8; mac::NONCE_LEN]) {
+        debug_assert!(self.client && self.state == State::Connecting);
+        self.mac_nonce = Some(nonce);
+    }
+
+    /// Target: grant the integrity the INIT asked for with `their` nonce; `ours` goes
+    /// back in INIT_ACK. `false` (and nothing changes) without a secret.
+    pub(crate) fn grant_integrity(
+        &mut self,
+        their: [u8; mac::NONCE_LEN],
+        ours: [u8; mac::NONCE_LEN],
+    ) -> bool {
+        let Some(secret) = &self.cfg.secret else {
+            return false;
+        };
+        let b = mac::Binding {
+            initiator_nonce: their,
+            target_nonce: ours,
+            initiator_conn: self.remote_id,
+            target_conn: self.local_id,
+        };
+        self.keys = Some(mac::Keys::derive(secret, &b, false));
+        self.mac_nonce = Some(ours);
+        true
+    }
+
+    /// Whether datagrams of this connection carry integrity tags (asked for or
+    /// granted).
+    pub(crate) fn has_integrity(&self) -> bool {
+        self.mac_nonce.is_some()
+    }
+
     pub(crate) fn local_id(&self) -> u32 {
         self.local_id
     }
@@ -470,7 +545,12 @@ impl Conn {
 
     /// Largest message (header plus payload) that fits one datagram.
     pub(crate) fn max_message(&self) -> usize {
-        self.max_datagram - header_overhead()
+        let tag = if self.has_integrity() {
+            mac::TAG_LEN
+        } else {
+            0
+        };
+        self.max_datagram - header_overhead() - tag
     }
 
     /// Largest payload a single wire message can carry.
@@ -529,6 +609,9 @@ impl Conn {
         if self.is_closed() {
             return;
         }
+        let Some(d) = self.check_integrity(p, d) else {
+            return;
+        };
         match p.kind {
             Kind::Init => {
                 // A repeated INIT: our INIT_ACK was lost.
@@ -554,7 +637,13 @@ impl Conn {
                 let why = match p.reset {
                     Some(ResetReason::Closed) => "the peer closed the connection",
                     Some(ResetReason::Busy) => "the peer is at its connection limit",
+                    Some(ResetReason::Unsupported)
+                        if self.state == State::Connecting && self.has_integrity() =>
+                    {
+                        INTEGRITY_REFUSED
+                    }
                     Some(ResetReason::Unsupported) => "the peer does not support our parameters",
+                    Some(ResetReason::IntegrityRequired) => INTEGRITY_REQUIRED,
                     _ => "the peer does not know this connection (it restarted?)",
                 };
                 self.fail(why.to_string());
@@ -611,6 +700,70 @@ impl Conn {
         self.ack_first.get_or_insert(now);
         if !in_order || self.ack_pending >= 2 {
             self.ack_now = true;
+        }
+    }
+
+    /// With integrity: the datagram without its tag if the tag verifies, else `None`
+    /// (dropped and counted). Without: the datagram, unless it carries a tag.
+    fn check_integrity<'a>(&mut self, p: &Packet, d: &'a [u8]) -> Option<&'a [u8]> {
+        if p.kind == Kind::Init {
+            // Sent before any key exists; it changes nothing on an existing connection.
+            return Some(d);
+        }
+        if self.client && self.state == State::Connecting && p.kind == Kind::InitAck {
+            if self.mac_nonce.is_none() {
+                if p.mac || p.nonce.is_some() {
+                    self.fail(
+                        "the peer answered with per-datagram integrity we did not ask for".into(),
+                    );
+                    return None;
+                }
+                return Some(d);
+            }
+            let (Some(theirs), Some(init), Some(secret), Some(ours)) =
+                (p.nonce, p.init, &self.cfg.secret, self.mac_nonce)
+            else {
+                // An INIT_ACK without integrity: the target does not speak it.
+                self.fail(INTEGRITY_REFUSED.into());
+                return None;
+            };
+            let b = mac::Binding {
+                initiator_nonce: ours,
+                target_nonce: theirs,
+                initiator_conn: self.local_id,
+                target_conn: init.conn_id,
+            };
+            let keys = mac::Keys::derive(secret, &b, true);
+            let opened = p.mac.then(|| keys.open(d)).flatten();
+            if opened.is_none() {
+                self.stats.integrity_failures += 1;
+                self.stats.dropped += 1;
+                self.fail(INTEGRITY_MISMATCH.into());
+                return None;
+            }
+            self.keys = Some(keys);
+            return opened;
+        }
+        if self.client && self.state == State::Connecting && p.kind == Kind::Reset {
+            // Before keys exist a RESET cannot be checked: a refusal during connection
+            // setup is taken as it comes.
+            return Some(d);
+        }
+        match (&self.keys, p.mac) {
+            (None, false) => Some(d),
+            (Some(k), true) => {
+                let opened = k.open(d);
+                if opened.is_none() {
+                    self.stats.integrity_failures += 1;
+                    self.stats.dropped += 1;
+                }
+                opened
+            }
+            _ => {
+                self.stats.integrity_failures += 1;
+                self.stats.dropped += 1;
+                None
+            }
         }
     }
 
@@ -861,6 +1014,12 @@ impl Conn {
         let expected = self.wants_transmit(now);
         let sent = self.transmit(now, out);
         debug_assert!(expected || !sent, "wants_transmit missed a datagram");
+        if sent && let Some(k) = &self.keys {
+            packet::set_mac_flag(out.head());
+            let mut h = k.sealer();
+            out.hash_into(&mut h);
+            out.head().extend_from_slice(&mac::finish(&h));
+        }
         out.finish();
         sent
     }
@@ -903,7 +1062,7 @@ impl Conn {
         if self.state == State::Connecting {
             if self.handshake_at.is_some_and(|t| now >= t) {
                 packet::put_prefix(out.head(), Kind::Init, 0, 0, false);
-                packet::put_init(out.head(), &self.init_params());
+                packet::put_init(out.head(), &self.init_params(), self.mac_nonce.as_ref());
                 self.handshake_backoff = (self.handshake_backoff + 1).min(10);
                 let wait = (self.cfg.initial_rtt.max(Duration::from_millis(1)) * 4)
                     * (1u32 << self.handshake_backoff.min(8));
@@ -915,7 +1074,7 @@ impl Conn {
         if self.send_init_ack {
             self.send_init_ack = false;
             packet::put_prefix(out.head(), Kind::InitAck, self.remote_id, 0, false);
-            packet::put_init(out.head(), &self.init_params());
+            packet::put_init(out.head(), &self.init_params(), self.mac_nonce.as_ref());
             return true;
         }
         // Lost packets go again first, under the same numbers (within the window too).
@@ -1029,7 +1188,11 @@ impl Conn {
             first_seq: self.first_seq,
             max_datagram: self.cfg.max_datagram as u32,
             window: self.cfg.window,
-            flags: 0,
+            flags: if self.mac_nonce.is_some() {
+                packet::INIT_MAC
+            } else {
+                0
+            },
         }
     }
 

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! followed by, depending on the type and flags: an INIT body, an ACK block, wire
-//! messages (DATA), or a RESET reason. All integers are little-endian.
+//! messages (DATA), or a RESET reason, and, on a connection with per-datagram
+//! integrity, a 16-byte tag at the very end (flag `MAC`). All integers are
+//! little-endian.
 
 /// Version of the datagram format.
 pub const VERSION: u8 = 1;
@@ -25,6 +27,11 @@ pub const MAX_ACK_LEN: usize = 10 + 4 * MAX_SACK;
 
 /// Flag: an ACK block follows the prefix.
 const FLAG_ACK: u16 = 1;
+/// Flag: the datagram ends in an integrity tag (`proto::mac`).
+pub const FLAG_MAC: u16 = 2;
+/// INIT / INIT_ACK flag: the sender uses per-datagram integrity; its nonce follows the
+/// body.
+pub const INIT_MAC: u32 = 1;
 
 /// Datagram types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +73,7 @@ pub struct Init {
     pub max_datagram: u32,
     /// Packets the sender can take beyond its cumulative ACK.
     pub window: u32,
-    /// Reserved; zero.
+    /// [`INIT_MAC`] or zero; other bits are reserved.
     pub flags: u32,
 }
 
@@ -103,6 +110,8 @@ pub enum ResetReason {
     Closed = 3,
     /// Unsupported datagram version or parameters.
     Unsupported = 4,
+    /// The target requires per-datagram integrity and the INIT did not ask for it.
+    IntegrityRequired = 5,
 }
 
 impl ResetReason {
@@ -112,6 +121,7 @@ impl ResetReason {
             2 => ResetReason::Busy,
             3 => ResetReason::Closed,
             4 => ResetReason::Unsupported,
+            5 => ResetReason::IntegrityRequired,
             _ => return None,
         })
     }
@@ -126,6 +136,11 @@ pub struct Packet {
     pub ack: Option<AckBlock>,
     pub init: Option<Init>,
     pub reset: Option<ResetReason>,
+    /// The INIT / INIT_ACK sender's integrity nonce ([`INIT_MAC`]).
+    pub nonce: Option<[u8; super::mac::NONCE_LEN]>,
+    /// The datagram ends in an integrity tag ([`FLAG_MAC`]); the messages of a DATA
+    /// packet stop before it.
+    pub mac: bool,
     /// Offset of the DATA messages in the datagram.
     pub body_at: usize,
 }
@@ -185,7 +200,7 @@ impl Packet {
         let kb = r.u8()?;
         let kind = Kind::from_u8(kb).ok_or(PacketError::Kind(kb))?;
         let flags = r.u16()?;
-        if flags & !FLAG_ACK != 0 {
+        if flags & !(FLAG_ACK | FLAG_MAC) != 0 || (kind == Kind::Init && flags & FLAG_MAC != 0) {
             return Err(PacketError::Reserved);
         }
         let dst = r.u32()?;
@@ -200,6 +215,8 @@ impl Packet {
             ack: None,
             init: None,
             reset: None,
+            nonce: None,
+            mac: flags & FLAG_MAC != 0,
             body_at: 0,
         };
         match kind {
@@ -207,13 +224,20 @@ impl Packet {
                 if flags & FLAG_ACK != 0 {
                     return Err(PacketError::Reserved);
                 }
-                p.init = Some(Init {
+                let init = Init {
                     conn_id: r.u32()?,
                     first_seq: r.u32()?,
                     max_datagram: r.u32()?,
                     window: r.u32()?,
                     flags: r.u32()?,
-                });
+                };
+                if init.flags & !INIT_MAC != 0 {
+                    return Err(PacketError::Reserved);
+                }
+                if init.flags & INIT_MAC != 0 {
+                    p.nonce = Some(r.take()?);
+                }
+                p.init = Some(init);
             }
             Kind::Reset => {
                 if flags & FLAG_ACK != 0 {
@@ -251,6 +275,9 @@ impl Packet {
             }
         }
         p.body_at = r.at;
+        if p.mac && b.len() < r.at + super::mac::TAG_LEN {
+            return Err(PacketError::Truncated);
+        }
         Ok(p)
     }
 }
@@ -283,10 +310,22 @@ pub fn put_ack(out: &mut Vec<u8>, a: &AckBlock) {
     }
 }
 
-/// Append an INIT / INIT_ACK body.
-pub fn put_init(out: &mut Vec<u8>, i: &Init) {
+/// Append an INIT / INIT_ACK body, and the integrity nonce if `i.flags` has
+/// [`INIT_MAC`] (`nonce` must then be given).
+pub fn put_init(out: &mut Vec<u8>, i: &Init, nonce: Option<&[u8; super::mac::NONCE_LEN]>) {
     for v in [i.conn_id, i.first_seq, i.max_datagram, i.window, i.flags] {
         out.extend_from_slice(&v.to_le_bytes());
+    }
+    debug_assert_eq!(i.flags & INIT_MAC != 0, nonce.is_some());
+    if let Some(n) = nonce {
+        out.extend_from_slice(n);
+    }
+}
+
+/// Mark the datagram whose prefix starts `head` as ending in an integrity tag.
+pub fn set_mac_flag(head: &mut [u8]) {
+    if let Some(f) = head.get_mut(2) {
+        *f |= FLAG_MAC as u8;
     }
 }
 
@@ -352,7 +391,7 @@ mod tests {
             let init = Init { conn_id: i.0, first_seq: i.1, max_datagram: i.2, window: i.3, flags: 0 };
             let mut v = Vec::new();
             put_prefix(&mut v, kind, dst, 0, false);
-            put_init(&mut v, &init);
+            put_init(&mut v, &init, None);
             let p = Packet::decode(&v).unwrap();
             prop_assert_eq!(p.init, Some(init));
             prop_assert_eq!(p.body_at, v.len());

@@ -48,8 +48,12 @@ impl Net {
     fn new(link: LinkConfig, cfg: Config, a_first: u32, b_first: u32) -> Net {
         let link = SimLink::new(link);
         let now = link.now();
+        let mut a = Conn::client(cfg.clone(), 11, a_first, now);
+        if cfg.integrity {
+            a.request_integrity([5; mac::NONCE_LEN]);
+        }
         Net {
-            a: Conn::client(cfg.clone(), 11, a_first, now),
+            a,
             link,
             b: None,
             a_sink: Collect::default(),
@@ -94,13 +98,11 @@ impl Net {
             if to == addr(B) {
                 if self.b.is_none() && p.kind == Kind::Init {
                     if let Some(init) = &p.init {
-                        self.b = Some(Conn::server(
-                            self.b_cfg.clone(),
-                            22,
-                            self.b_first,
-                            init,
-                            now,
-                        ));
+                        let mut b = Conn::server(self.b_cfg.clone(), 22, self.b_first, init, now);
+                        if let Some(theirs) = p.nonce {
+                            assert!(b.grant_integrity(theirs, [6; mac::NONCE_LEN]));
+                        }
+                        self.b = Some(b);
                     }
                     continue;
                 }
@@ -483,4 +485,152 @@ fn late_acks_after_a_timeout_leave_nothing_to_resend() {
     }
     assert_eq!(sent, 1, "the new message leaves in the same poll");
     assert_eq!(net.a.stats.retransmits, 0);
+}
+
+fn integrity_cfg() -> Config {
+    Config {
+        secret: Some(crate::Secret::from_bytes(b"a cluster secret of the tests").unwrap()),
+        integrity: true,
+        ..cfg()
+    }
+}
+
+#[test]
+fn integrity_delivers_exactly_once_through_loss_duplication_and_reordering() {
+    let link = LinkConfig {
+        seed: 7,
+        loss: 0.05,
+        duplicate: 0.02,
+        reorder: 0.05,
+        jitter: Duration::from_micros(5),
+        ..LinkConfig::default()
+    };
+    let (net, _) = one_way(link, integrity_cfg(), 2000, 1000, 100);
+    let b = net.b.as_ref().unwrap();
+    assert!(net.a.has_integrity() && b.has_integrity());
+    assert_eq!(
+        net.a.stats.integrity_failures + b.stats.integrity_failures,
+        0
+    );
+    assert!(
+        b.stats.duplicates > 0,
+        "replayed datagrams were seen and dropped"
+    );
+    // Room for the tag: a full datagram still fits.
+    assert_eq!(
+        net.a.max_message() + mac::TAG_LEN,
+        cfg().max_datagram - header_overhead()
+    );
+}
+
+/// Established connections and one DATA datagram from `a` carrying message 0.
+fn captured_data(cfg: Config) -> (Net, Vec<u8>) {
+    let mut net = Net::new(LinkConfig::default(), cfg, 1, 2);
+    assert!(net.run_until(Duration::from_secs(1), |n| n.b.is_some()
+        && n.a.state() == &State::Established
+        && n.b.as_ref().unwrap().state() == &State::Established));
+    net.a.queue(msg(0, 300));
+    let mut d = Vec::new();
+    assert!(net.a.poll_transmit(net.now(), &mut d));
+    assert_eq!(Packet::decode(&d).unwrap().kind, Kind::Data);
+    (net, d)
+}
+
+fn feed_b(net: &mut Net, d: &[u8]) {
+    let now = net.now();
+    if let Ok(p) = Packet::decode(d) {
+        net.b.as_mut().unwrap().handle(now, &p, d, &mut net.b_sink);
+    }
+}
+
+#[test]
+fn integrity_drops_altered_forged_and_stripped_datagrams() {
+    let (mut net, genuine) = captured_data(integrity_cfg());
+    let p = Packet::decode(&genuine).unwrap();
+    assert!(p.mac);
+    // Every single-bit change of the payload, the header or the tag is refused.
+    let mut tries = 0;
+    for at in (0..genuine.len()).step_by(7) {
+        let mut x = genuine.clone();
+        x[at] ^= 0x10;
+        feed_b(&mut net, &x);
+        tries += 1;
+    }
+    // The same datagram with its tag cut off and the flag cleared, as an attacker
+    // without the keys would send it.
+    let mut stripped = genuine[..genuine.len() - mac::TAG_LEN].to_vec();
+    stripped[2] &= !(packet::FLAG_MAC as u8);
+    feed_b(&mut net, &stripped);
+    // A forged RESET after establishment does not close the connection.
+    feed_b(&mut net, &packet::reset(22, packet::ResetReason::Closed));
+    let b = net.b.as_ref().unwrap();
+    assert!(net.b_sink.got.is_empty(), "nothing forged was delivered");
+    assert!(!b.is_closed());
+    // Decodable alterations count as integrity failures; the rest never parse.
+    assert!(b.stats.integrity_failures >= 2 && b.stats.integrity_failures <= tries + 2);
+    // The genuine datagram, then its replay: delivered once.
+    feed_b(&mut net, &genuine);
+    feed_b(&mut net, &genuine);
+    assert_eq!(net.b_sink.got.len(), 1);
+    check_exactly_once(&net.b_sink.got, 1, 300);
+    assert_eq!(net.b.as_ref().unwrap().stats.duplicates, 1);
+    // And the connection carries on.
+    net.queue_all(20, 100);
+    assert!(net.run_until(Duration::from_secs(5), |n| n.b_sink.got.len() == 21));
+}
+
+#[test]
+fn without_integrity_an_altered_payload_gets_through() {
+    // What integrity buys: the same single-bit change is accepted when it is off.
+    let (mut net, genuine) = captured_data(cfg());
+    let mut x = genuine.clone();
+    let last = x.len() - 1;
+    x[last] ^= 0x10;
+    feed_b(&mut net, &x);
+    assert_eq!(net.b_sink.got.len(), 1);
+    assert_ne!(net.b_sink.got[0].1, msg_bytes(0, 300));
+}
+
+fn msg_bytes(i: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|k| (k as u64 * 31 + i) as u8).collect()
+}
+
+#[test]
+fn an_initiator_asking_for_integrity_refuses_a_target_without_it() {
+    let mut net = Net::new(LinkConfig::default(), integrity_cfg(), 1, 2);
+    net.b_cfg = cfg();
+    // The target below ignores the nonce (no secret to grant it with).
+    let now = net.now();
+    let mut d = Vec::new();
+    assert!(net.a.poll_transmit(now, &mut d));
+    let p = Packet::decode(&d).unwrap();
+    assert!(p.nonce.is_some() && !p.mac);
+    let mut b = Conn::server(cfg(), 22, 2, p.init.as_ref().unwrap(), now);
+    assert!(!b.grant_integrity(p.nonce.unwrap(), [6; mac::NONCE_LEN]));
+    assert!(b.poll_transmit(now, &mut d));
+    let p = Packet::decode(&d).unwrap();
+    net.a.handle(now, &p, &d, &mut net.a_sink);
+    assert_eq!(net.a.state(), &State::Closed(INTEGRITY_REFUSED.into()));
+}
+
+#[test]
+fn an_init_ack_with_a_wrong_tag_fails_the_connection() {
+    let mut net = Net::new(LinkConfig::default(), integrity_cfg(), 1, 2);
+    let now = net.now();
+    let mut d = Vec::new();
+    assert!(net.a.poll_transmit(now, &mut d));
+    let p = Packet::decode(&d).unwrap();
+    // A target holding another secret.
+    let other = Config {
+        secret: Some(crate::Secret::from_bytes(b"not the cluster secret").unwrap()),
+        ..integrity_cfg()
+    };
+    let mut b = Conn::server(other, 22, 2, p.init.as_ref().unwrap(), now);
+    assert!(b.grant_integrity(p.nonce.unwrap(), [6; mac::NONCE_LEN]));
+    assert!(b.poll_transmit(now, &mut d));
+    let p = Packet::decode(&d).unwrap();
+    assert!(p.mac && p.nonce.is_some());
+    net.a.handle(now, &p, &d, &mut net.a_sink);
+    assert_eq!(net.a.state(), &State::Closed(INTEGRITY_MISMATCH.into()));
+    assert_eq!(net.a.stats.integrity_failures, 1);
 }

@@ -396,6 +396,30 @@ impl Datagram {
                 .sum::<usize>()
     }
 
+    /// Hand every byte to `f`, in order, in pieces: header bytes and shared buffers as
+    /// they are, region memory through a copy (remote peers may write it concurrently,
+    /// so no reference into it is made).
+    pub(crate) fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
+        let mut tmp = [0u8; 4096];
+        for p in &self.parts {
+            match p {
+                Part::Head(r) => f(&self.head[r.clone()]),
+                Part::Shared(b, r) => f(&b[r.clone()]),
+                Part::Region(s) => {
+                    let mut at = 0;
+                    while at < s.len() {
+                        let n = (s.len() - at).min(tmp.len());
+                        // In bounds: the slice was checked against its region when made.
+                        let _ = s.mem().copy_out(s.offset() + at, &mut tmp[..n]);
+                        f(&tmp[..n]);
+                        at += n;
+                    }
+                }
+            }
+        }
+        f(&self.head[self.mark..]);
+    }
+
     fn piece(&self, p: &Part) -> (*const u8, usize) {
         match p {
             Part::Head(r) => (self.head[r.clone()].as_ptr(), r.len()),

@@ -148,6 +148,8 @@ fn proto_config(core: &Core, max_datagram: usize) -> proto::Config {
         dead_after: dead,
         keepalive: (dead / 4).max(Duration::from_millis(10)),
         max_rto: (dead / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        secret: cfg.secret.clone(),
+        integrity: cfg.datagram_integrity,
         ..proto::Config::default()
     }
 }
@@ -496,9 +498,16 @@ impl World {
             Ctl::Connect(addr, slot) => {
                 let id = self.fresh_id(driver);
                 let first = driver.random_u32();
+                let mut proto = PConn::client(self.pcfg.clone(), id, first, now);
+                if self.pcfg.integrity {
+                    match crate::sys::random_bytes() {
+                        Ok(nonce) => proto.request_integrity(nonce),
+                        Err(e) => return slot.fill(Err(e)),
+                    }
+                }
                 let conn = DConn {
                     peer: addr,
-                    proto: PConn::client(self.pcfg.clone(), id, first, now),
+                    proto,
                     ops: OpLayer::new(),
                     connect: Some(slot),
                     hs_deadline: None,
@@ -592,6 +601,8 @@ impl World {
         let shared = c.ops.shared.clone();
         let dropped = after.dropped - before.dropped;
         let malformed = after.malformed - before.malformed;
+        let forged = after.integrity_failures - before.integrity_failures;
+        self.core.counters.add(C::integrity_failures, forged);
         if let Some(s) = &shared {
             s.count(C::drops, dropped);
             s.count(C::protocol_errors, malformed);
@@ -660,9 +671,26 @@ impl World {
                 .unwrap_or(id.wrapping_mul(0x9E37_79B9).wrapping_add(1));
         }
         let first = self.rand.pop().unwrap_or(0);
+        let mut proto = PConn::server(self.pcfg.clone(), id, first, &init, now);
+        if let Some(theirs) = p.nonce {
+            let granted = crate::sys::random_bytes().is_ok_and(|ours| {
+                self.pcfg.secret.is_some() && proto.grant_integrity(theirs, ours)
+            });
+            if !granted {
+                tracing::debug!(%from, "refusing a {} connection that asks for per-datagram integrity: no cluster secret here", self.kind);
+                self.count(C::auth_failures, 1);
+                self.reset(from, init.conn_id, ResetReason::Unsupported);
+                return;
+            }
+        } else if self.pcfg.integrity {
+            tracing::debug!(%from, "refusing a {} connection without per-datagram integrity", self.kind);
+            self.count(C::auth_failures, 1);
+            self.reset(from, init.conn_id, ResetReason::IntegrityRequired);
+            return;
+        }
         let conn = DConn {
             peer: from,
-            proto: PConn::server(self.pcfg.clone(), id, first, &init, now),
+            proto,
             ops: OpLayer::new(),
             connect: None,
             hs_deadline: Some(now + self.core.config.connect_timeout),
@@ -689,13 +717,18 @@ impl World {
                     _ => String::new(),
                 };
                 if let Some(slot) = c.connect.take() {
-                    slot.fill(Err(Error::Io {
-                        call: "connect",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::ConnectionRefused,
-                            format!("{}: {why}", c.peer),
-                        ),
-                    }));
+                    if proto::is_auth_failure(&why) {
+                        self.core.counters.add(C::auth_failures, 1);
+                        slot.fill(Err(Error::AuthFailed(format!("{}: {why}", c.peer))));
+                    } else {
+                        slot.fill(Err(Error::Io {
+                            call: "connect",
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::ConnectionRefused,
+                                format!("{}: {why}", c.peer),
+                            ),
+                        }));
+                    }
                 }
                 ops::fail_conn(c, &why);
                 continue;
