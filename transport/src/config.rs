@@ -74,6 +74,16 @@ pub struct EndpointConfig {
     /// Received messages (and write notifications) queued per connection before the
     /// sender is slowed down.
     pub max_incoming: usize,
+    /// Bytes of received messages queued per connection before the sender is slowed
+    /// down (the queue may exceed it by one message, or by what one datagram carries).
+    /// With `max_connections_per_peer`, this bounds the receive memory one peer can
+    /// take: nothing is dropped, the peer waits (counter `receive_stalls`).
+    pub max_incoming_bytes: usize,
+    /// Connections from one IP address (in handshake or established); more are
+    /// refused and counted (`peer_connections_refused`). Together with the per-connection
+    /// limits (`max_incoming_bytes`, and the protocol's window of operations being
+    /// served) it bounds what one peer can make this endpoint hold.
+    pub max_connections_per_peer: usize,
     /// Try huge pages for allocated regions whose length is a multiple of 2 MiB.
     pub huge_pages: bool,
     /// Kernel socket buffer size for TCP connections (0 leaves the kernel's default).
@@ -125,6 +135,8 @@ impl Default for EndpointConfig {
             max_op_size: 1 << 31,
             max_message_size: 4 << 20,
             max_incoming: 1024,
+            max_incoming_bytes: 64 << 20,
+            max_connections_per_peer: 256,
             huge_pages: true,
             socket_buffer: 0,
             zero_copy_send: None,
@@ -228,6 +240,8 @@ impl EndpointConfig {
             || self.max_pending_accepts == 0
             || self.max_handshakes_per_peer == 0
             || self.max_incoming == 0
+            || self.max_incoming_bytes == 0
+            || self.max_connections_per_peer == 0
         {
             return bad("queue limits must be at least 1");
         }

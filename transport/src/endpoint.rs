@@ -98,7 +98,7 @@ impl ConnShared {
             peer_max_payload,
             inflight: AtomicUsize::new(0),
             counters: Counters::default(),
-            inbox: Mailbox::new(cap),
+            inbox: Mailbox::with_max_bytes(cap, core.config.max_incoming_bytes),
             notes: Mailbox::new(cap),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),

@@ -313,48 +313,81 @@ pub fn wait_all<T: OpOutput>(ops: impl IntoIterator<Item = Op<T>>) -> Result<()>
     first.map_or(Ok(()), Err)
 }
 
-/// A bounded queue from the progress engine to the application.
+/// A bounded queue from the progress engine to the application: at most `cap` items,
+/// and room for another only while the items' bytes are below `max_bytes` (so it holds
+/// at most `max_bytes` plus one item).
 #[derive(Debug)]
 pub(crate) struct Mailbox<T> {
     q: Mutex<MailboxState<T>>,
     cap: usize,
+    max_bytes: usize,
     pub(crate) notify: Notify,
 }
 
 #[derive(Debug)]
 struct MailboxState<T> {
-    items: VecDeque<T>,
+    /// Items and their weight in bytes.
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
     closed: Option<String>,
+}
+
+impl<T> MailboxState<T> {
+    fn full(&self, cap: usize, max_bytes: usize) -> bool {
+        self.items.len() >= cap || self.bytes >= max_bytes
+    }
 }
 
 impl<T> Mailbox<T> {
     pub(crate) fn new(cap: usize) -> Mailbox<T> {
+        Mailbox::with_max_bytes(cap, usize::MAX)
+    }
+
+    pub(crate) fn with_max_bytes(cap: usize, max_bytes: usize) -> Mailbox<T> {
         Mailbox {
             q: Mutex::new(MailboxState {
                 items: VecDeque::new(),
+                bytes: 0,
                 closed: None,
             }),
             cap,
+            max_bytes,
             notify: Notify::default(),
         }
     }
 
     /// Whether another item fits.
     pub(crate) fn has_room(&self) -> bool {
-        self.q.lock().expect("mailbox poisoned").items.len() < self.cap
+        !self
+            .q
+            .lock()
+            .expect("mailbox poisoned")
+            .full(self.cap, self.max_bytes)
     }
 
     /// Push, or give the item back when full.
     pub(crate) fn push(&self, v: T) -> std::result::Result<(), T> {
         {
             let mut q = self.q.lock().expect("mailbox poisoned");
-            if q.items.len() >= self.cap {
+            if q.full(self.cap, self.max_bytes) {
                 return Err(v);
             }
-            q.items.push_back(v);
+            q.items.push_back((v, 0));
         }
         self.notify.wake_all();
         Ok(())
+    }
+
+    /// Push an item admitted earlier (its producer checked [`has_room`] before taking
+    /// it from the network, and nothing may be lost now), counting `bytes` against the
+    /// byte limit. The queue can overshoot its limits by what one admission carried.
+    pub(crate) fn push_admitted(&self, v: T, bytes: usize) {
+        {
+            let mut q = self.q.lock().expect("mailbox poisoned");
+            q.items.push_back((v, bytes));
+            q.bytes += bytes;
+        }
+        self.notify.wake_all();
     }
 
     /// Close: waiters get `reason` once the queue is drained.
@@ -372,9 +405,12 @@ impl<T> Mailbox<T> {
     /// before the pop (so the producer can be told there is room again).
     pub(crate) fn try_pop(&self) -> std::result::Result<Option<(T, bool)>, String> {
         let mut q = self.q.lock().expect("mailbox poisoned");
-        let was_full = q.items.len() >= self.cap;
+        let was_full = q.full(self.cap, self.max_bytes);
         match q.items.pop_front() {
-            Some(v) => Ok(Some((v, was_full))),
+            Some((v, bytes)) => {
+                q.bytes -= bytes;
+                Ok(Some((v, was_full)))
+            }
             None => match &q.closed {
                 Some(r) => Err(r.clone()),
                 None => Ok(None),
@@ -389,6 +425,7 @@ impl<T> Mailbox<T> {
             .expect("mailbox poisoned")
             .items
             .drain(..)
+            .map(|(v, _)| v)
             .collect()
     }
 }

@@ -94,6 +94,13 @@ counters! {
     /// Connection attempts refused because their source IP address already had
     /// `max_handshakes_per_peer` connections in their handshake.
     handshakes_refused,
+    /// Connections refused because their source IP address already had
+    /// `max_connections_per_peer` connections.
+    peer_connections_refused,
+    /// Times reading from a peer was paused because the application had not taken what
+    /// arrived (`max_incoming` messages or `max_incoming_bytes` queued); the peer is held
+    /// back by flow control, nothing is lost.
+    receive_stalls,
     /// Errors of any kind (local and remote, including protocol errors).
     errors,
     /// Connections established.

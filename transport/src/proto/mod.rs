@@ -585,6 +585,16 @@ impl Conn {
         }
     }
 
+    /// Whether this side opened the connection.
+    pub(crate) fn is_client(&self) -> bool {
+        self.client
+    }
+
+    /// Whether receiving is paused ([`set_paused`](Conn::set_paused)).
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused
+    }
+
     /// Close locally: the peer gets a RESET.
     pub(crate) fn close(&mut self, reason: &str) {
         if !self.is_closed() {

@@ -643,12 +643,14 @@ impl World {
             self.reset(from, init.conn_id, ResetReason::Unsupported);
             return;
         }
-        // One pass: connections open, and those from this address still in handshake.
-        let (mut open, mut from_peer) = (0, 0);
+        // One pass: connections open, those accepted from this address, and those of
+        // them still in handshake.
+        let (mut open, mut from_peer, mut handshaking) = (0, 0, 0);
         for c in self.conns.values().filter(|c| !c.proto.is_closed()) {
             open += 1;
-            if c.peer.ip() == from.ip() && c.connect.is_none() && c.ops.shared.is_none() {
+            if c.peer.ip() == from.ip() && !c.proto.is_client() {
                 from_peer += 1;
+                handshaking += usize::from(c.ops.shared.is_none());
             }
         }
         if open >= self.core.config.max_connections {
@@ -657,8 +659,14 @@ impl World {
             self.reset(from, init.conn_id, ResetReason::Busy);
             return;
         }
-        if from_peer >= self.core.config.max_handshakes_per_peer {
-            tracing::debug!(%from, "refusing a {} connection: {from_peer} handshakes from this address already", self.kind);
+        if from_peer >= self.core.config.max_connections_per_peer {
+            tracing::debug!(%from, "refusing a {} connection: {from_peer} connections from this address already", self.kind);
+            self.count(C::peer_connections_refused, 1);
+            self.reset(from, init.conn_id, ResetReason::Busy);
+            return;
+        }
+        if handshaking >= self.core.config.max_handshakes_per_peer {
+            tracing::debug!(%from, "refusing a {} connection: {handshaking} handshakes from this address already", self.kind);
             self.count(C::handshakes_refused, 1);
             self.reset(from, init.conn_id, ResetReason::Busy);
             return;

@@ -228,6 +228,11 @@ impl OpLayer {
         self.flush_outbox(proto);
         if self.want_pause {
             self.want_pause = false;
+            if !proto.is_paused()
+                && let Some(s) = &self.shared
+            {
+                s.count(C::receive_stalls, 1);
+            }
             proto.set_paused(true);
         }
     }
@@ -733,7 +738,8 @@ impl Sink for OpSink<'_, '_> {
                     if !e.refused {
                         shared.count(C::messages_received, 1);
                         shared.count(C::message_bytes_received, msg_len);
-                        let _ = shared.inbox.push(e.buf);
+                        let n = e.buf.len();
+                        shared.inbox.push_admitted(e.buf, n);
                         o.outbox.push(small(op_id, Body::Ack));
                     }
                 }

@@ -800,6 +800,8 @@ struct Conn {
     sock: TcpStream,
     shared: Option<Arc<ConnShared>>,
     peer: SocketAddr,
+    /// Accepted from a listener (not connected out).
+    accepted: bool,
     hs_deadline: Option<Instant>,
     hs_version: u8,
     /// Target side of the authentication exchange (cluster secret).
@@ -862,6 +864,7 @@ impl Conn {
             sock,
             shared,
             peer,
+            accepted: false,
             hs_deadline: None,
             hs_version: 0,
             auth: SrvAuth::Open,
@@ -1189,19 +1192,27 @@ impl State {
             core.counters.add(C::errors, 1);
             return;
         }
-        let from_peer = self
-            .conns
-            .values()
-            .filter(|c| c.shared.is_none() && c.closing.is_none() && c.peer.ip() == peer.ip())
-            .count();
-        if from_peer >= core.config.max_handshakes_per_peer {
-            tracing::debug!(%peer, "refusing connection: {from_peer} handshakes from this address already");
+        let (mut from_peer, mut handshaking) = (0, 0);
+        for c in self.conns.values() {
+            if c.accepted && c.closing.is_none() && c.peer.ip() == peer.ip() {
+                from_peer += 1;
+                handshaking += usize::from(c.shared.is_none());
+            }
+        }
+        if from_peer >= core.config.max_connections_per_peer {
+            tracing::debug!(%peer, "refusing connection: {from_peer} connections from this address already");
+            core.counters.add(C::peer_connections_refused, 1);
+            return;
+        }
+        if handshaking >= core.config.max_handshakes_per_peer {
+            tracing::debug!(%peer, "refusing connection: {handshaking} handshakes from this address already");
             core.counters.add(C::handshakes_refused, 1);
             return;
         }
         configure_socket(&sock, core);
         let id = core.next_conn_id();
         let mut conn = Conn::new(id, sock, None, peer);
+        conn.accepted = true;
         conn.hs_deadline = Some(Instant::now() + core.config.connect_timeout);
         self.ctx.pump_rx(&mut conn);
         self.conns.insert(id, conn);
@@ -1657,6 +1668,9 @@ impl Ctx {
                         Ok((h, n)) => {
                             if self.needs_room(&h) && !self.has_room(conn) {
                                 conn.rx_stalled = true;
+                                if let Some(s) = &conn.shared {
+                                    s.count(C::receive_stalls, 1);
+                                }
                                 return;
                             }
                             conn.lo += n;
@@ -2210,7 +2224,8 @@ impl Ctx {
                 };
                 shared.count(C::messages_received, 1);
                 shared.count(C::message_bytes_received, v.len() as u64);
-                let _ = shared.inbox.push(v);
+                let n = v.len();
+                shared.inbox.push_admitted(v, n);
                 let ack = Header {
                     op_id,
                     payload_len: 0,
