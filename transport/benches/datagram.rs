@@ -17,12 +17,23 @@ fn proto(c: &mut Criterion) {
     let mut g = c.benchmark_group("proto");
     // One datagram per message at MTU 1500 (1472 B UDP payload), and 64 KiB
     // datagrams as on loopback.
-    for (name, max_datagram, len) in [
-        ("1 KiB messages, MTU 1500", 1472, 1024),
-        ("8 B messages, MTU 1500", 1472, 8),
-        ("60 KiB messages, 64 KiB datagrams", 65507, 60 << 10),
+    for (name, max_datagram, len, integrity) in [
+        ("1 KiB messages, MTU 1500", 1472, 1024, false),
+        ("8 B messages, MTU 1500", 1472, 8, false),
+        ("60 KiB messages, 64 KiB datagrams", 65507, 60 << 10, false),
+        ("integrity, 1 KiB messages, MTU 1500", 1472, 1024, true),
+        (
+            "integrity, 60 KiB messages, 64 KiB datagrams",
+            65507,
+            60 << 10,
+            true,
+        ),
     ] {
-        let mut pair = ProtoPair::new(max_datagram);
+        let mut pair = if integrity {
+            ProtoPair::with_integrity(max_datagram)
+        } else {
+            ProtoPair::new(max_datagram)
+        };
         // Datagrams per batch (data and ACKs), measured once: the throughput unit.
         let before = pair.datagrams;
         assert_eq!(pair.transfer(BATCH, len), BATCH);

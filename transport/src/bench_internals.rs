@@ -58,22 +58,43 @@ pub struct ProtoPair {
 impl ProtoPair {
     /// A connected pair whose datagrams are at most `max_datagram` bytes.
     pub fn new(max_datagram: usize) -> ProtoPair {
+        ProtoPair::build(max_datagram, false)
+    }
+
+    /// The same, with per-datagram integrity: every datagram tagged and checked.
+    pub fn with_integrity(max_datagram: usize) -> ProtoPair {
+        ProtoPair::build(max_datagram, true)
+    }
+
+    fn build(max_datagram: usize, integrity: bool) -> ProtoPair {
         let cfg = Config {
             max_datagram,
+            secret: integrity.then(|| {
+                crate::Secret::from_bytes(b"a cluster secret for benchmarks").expect("valid")
+            }),
+            integrity,
             ..Config::default()
         };
         let now = Instant::now();
         let mut a = Conn::client(cfg.clone(), 1, 1000, now);
+        if integrity {
+            a.request_integrity([1; crate::proto::mac::NONCE_LEN]);
+        }
         let mut buf = Vec::new();
         let mut b = None;
         while a.poll_transmit(now, &mut buf) {
             if let Ok(Packet {
                 kind: Kind::Init,
                 init: Some(init),
+                nonce,
                 ..
             }) = Packet::decode(&buf)
             {
-                b = Some(Conn::server(cfg.clone(), 2, 5000, &init, now));
+                let mut s = Conn::server(cfg.clone(), 2, 5000, &init, now);
+                if let Some(n) = nonce {
+                    s.grant_integrity(n, [2; crate::proto::mac::NONCE_LEN]);
+                }
+                b = Some(s);
             }
         }
         let b = b.expect("a new client connection sends INIT");
@@ -324,14 +345,26 @@ mod tests {
 
     #[test]
     fn the_protocol_pair_delivers_every_message_and_goes_idle() {
-        let mut p = ProtoPair::new(1472);
-        for _ in 0..3 {
-            assert_eq!(p.transfer(100, 1024), 100);
-            assert!(p.a.is_idle(), "everything acknowledged");
+        for mut p in [ProtoPair::new(1472), ProtoPair::with_integrity(1472)] {
+            p.check_delivers();
         }
-        assert_eq!(p.delivered_bytes(), 300 * 1024);
-        // 1 KiB messages need a datagram each, plus ACKs.
-        assert!(p.datagrams > 300, "{}", p.datagrams);
+    }
+
+    impl ProtoPair {
+        fn check_delivers(&mut self) {
+            let p = self;
+            for _ in 0..3 {
+                assert_eq!(p.transfer(100, 1024), 100);
+                assert!(p.a.is_idle(), "everything acknowledged");
+            }
+            assert_eq!(p.delivered_bytes(), 300 * 1024);
+            // 1 KiB messages need a datagram each, plus ACKs.
+            assert!(p.datagrams > 300, "{}", p.datagrams);
+            assert_eq!(
+                p.a.stats.integrity_failures + p.b.stats.integrity_failures,
+                0
+            );
+        }
     }
 
     #[test]
