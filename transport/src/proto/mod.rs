@@ -585,6 +585,11 @@ impl Conn {
         }
     }
 
+    /// The peer's id for this connection (0 before it is known).
+    pub(crate) fn remote_id(&self) -> u32 {
+        self.remote_id
+    }
+
     /// Whether this side opened the connection.
     pub(crate) fn is_client(&self) -> bool {
         self.client

@@ -136,6 +136,9 @@ pub struct Packet {
     pub ack: Option<AckBlock>,
     pub init: Option<Init>,
     pub reset: Option<ResetReason>,
+    /// A RESET answering a datagram for an unknown connection: the connection id that
+    /// datagram named (its sender's peer id for the connection).
+    pub unknown: Option<u32>,
     /// The INIT / INIT_ACK sender's integrity nonce ([`INIT_MAC`]).
     pub nonce: Option<[u8; super::mac::NONCE_LEN]>,
     /// The datagram ends in an integrity tag ([`FLAG_MAC`]); the messages of a DATA
@@ -215,6 +218,7 @@ impl Packet {
             ack: None,
             init: None,
             reset: None,
+            unknown: None,
             nonce: None,
             mac: flags & FLAG_MAC != 0,
             body_at: 0,
@@ -245,6 +249,10 @@ impl Packet {
                 }
                 let v = r.u16()?;
                 p.reset = Some(ResetReason::from_u16(v).ok_or(PacketError::Reason(v))?);
+                let tag = if p.mac { super::mac::TAG_LEN } else { 0 };
+                if p.reset == Some(ResetReason::UnknownConnection) && b.len() >= r.at + 4 + tag {
+                    p.unknown = Some(r.u32()?);
+                }
             }
             Kind::Ack | Kind::Data => {
                 if flags & FLAG_ACK != 0 || kind == Kind::Ack {
@@ -334,6 +342,14 @@ pub fn reset(dst: u32, why: ResetReason) -> Vec<u8> {
     let mut v = Vec::with_capacity(PREFIX_LEN + 2);
     put_prefix(&mut v, Kind::Reset, dst, 0, false);
     v.extend_from_slice(&(why as u16).to_le_bytes());
+    v
+}
+
+/// Encode a RESET answering a datagram addressed to `unknown`, a connection this side
+/// does not have (`dst` 0: the datagram did not say who sent it).
+pub fn reset_unknown(unknown: u32) -> Vec<u8> {
+    let mut v = reset(0, ResetReason::UnknownConnection);
+    v.extend_from_slice(&unknown.to_le_bytes());
     v
 }
 

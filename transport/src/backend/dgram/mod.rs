@@ -572,10 +572,22 @@ impl World {
         if p.kind == Kind::Init {
             return self.on_init(now, from, &p);
         }
-        let Some(c) = self.conns.get_mut(&u64::from(p.dst)) else {
+        // A RESET for a connection the peer no longer has (it restarted) names the
+        // peer's id of it; find ours by that and the peer's address.
+        let dst = match (p.dst, p.unknown) {
+            (0, Some(theirs)) if p.kind == Kind::Reset => self
+                .conns
+                .iter()
+                .find(|(_, c)| {
+                    c.peer == from && c.proto.is_client() && c.proto.remote_id() == theirs
+                })
+                .map_or(0, |(id, _)| *id as u32),
+            _ => p.dst,
+        };
+        let Some(c) = self.conns.get_mut(&u64::from(dst)) else {
             self.count(C::drops, 1);
-            if p.kind != Kind::Reset {
-                self.reset(from, 0, ResetReason::UnknownConnection);
+            if p.kind != Kind::Reset && self.stray.len() < 1024 {
+                self.stray.push((from, packet::reset_unknown(p.dst)));
             }
             return;
         };
