@@ -230,9 +230,12 @@ impl ProtoPair {
 /// fuzzer starts from valid DATA and ACK packets), and its other bytes are XORed into
 /// it. An INIT also opens a fresh target connection, as a listener would. Between
 /// records, and at the end, both sides exchange what they have to say for a bounded
-/// number of rounds. Must never panic, whatever the input.
+/// number of rounds. Bit 12 of the first record's length word gives the pair (and the
+/// fresh targets) per-datagram integrity. Must never panic, whatever the input.
 pub fn proto_receive(input: &[u8]) {
-    let mut pair = ProtoPair::new(1472);
+    let integrity = input.get(1).is_some_and(|b| b & 0x10 != 0);
+    let mut pair = ProtoPair::build(1472, integrity);
+    let fresh_cfg = pair.b.config().clone();
     pair.recording = true;
     pair.transfer(4, 1024);
     pair.transfer(6, 8);
@@ -268,7 +271,10 @@ pub fn proto_receive(input: &[u8]) {
             continue;
         };
         if let (Kind::Init, Some(init)) = (p.kind, &p.init) {
-            let mut fresh = Conn::server(Config::default(), 9, 77, init, pair.now);
+            let mut fresh = Conn::server(fresh_cfg.clone(), 9, 77, init, pair.now);
+            if let Some(n) = p.nonce {
+                fresh.grant_integrity(n, [3; crate::proto::mac::NONCE_LEN]);
+            }
             let mut out = Vec::new();
             let mut n = 0;
             while n < 64 && fresh.poll_transmit(pair.now, &mut out) {
@@ -381,14 +387,17 @@ mod tests {
         }
         proto_receive(&input);
         // Real datagrams replayed unchanged and with bits flipped, to both sides.
-        let mut replay = Vec::new();
-        for pick in 0u8..40 {
-            for (side, flip) in [(0u16, 0u8), (0x8000, 0x10)] {
-                replay.extend_from_slice(&(0x2000 | side | 3).to_le_bytes());
-                replay.extend_from_slice(&[pick, 0, flip]);
+        // Then the same with per-datagram integrity (bit 12).
+        for integrity in [0u16, 0x1000] {
+            let mut replay = Vec::new();
+            for pick in 0u8..40 {
+                for (side, flip) in [(0u16, 0u8), (0x8000, 0x10)] {
+                    replay.extend_from_slice(&(0x2000 | integrity | side | 3).to_le_bytes());
+                    replay.extend_from_slice(&[pick, 0, flip]);
+                }
             }
+            proto_receive(&replay);
         }
-        proto_receive(&replay);
         proto_receive(&[0xff]);
         proto_receive(&[0xff, 0xff, 1, 2]);
     }

@@ -585,6 +585,12 @@ impl Conn {
         }
     }
 
+    /// The connection's settings.
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     /// The peer's id for this connection (0 before it is known).
     pub(crate) fn remote_id(&self) -> u32 {
         self.remote_id
