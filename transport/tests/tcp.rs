@@ -77,3 +77,76 @@ conformance_suite!(
     zero_copy_caller,
     super::tcp_zero_copy(super::Mode::CallerBusy)
 );
+
+/// A caller-driven endpoint may be driven from threads that come and go: the kernel
+/// cancels a thread's pending accept and receives when it exits, and the endpoint arms
+/// them again from the next thread that drives it.
+#[test]
+fn a_caller_driven_endpoint_survives_the_threads_that_drove_it() {
+    use pfs_transport::{Endpoint, EndpointConfig, Progress, Rights, WaitMode};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let srv = Arc::new(
+        Endpoint::bind(
+            EndpointConfig::new()
+                .listen("tcp://127.0.0.1:0")
+                .unwrap()
+                .progress(Progress::Caller)
+                .wait_mode(WaitMode::Block),
+        )
+        .unwrap(),
+    );
+    let addr = srv.local_addrs()[0].clone();
+    let region = srv.alloc_region(4096, Rights::ALL).unwrap();
+    let key = region.key(Rights::ALL).unwrap();
+    let cli = Endpoint::bind(EndpointConfig::new()).unwrap();
+    // Each round: a fresh thread drives the server (accepting and serving), then exits
+    // with the server's accept and receives armed.
+    let (mut conns, mut accepted) = (Vec::new(), Vec::new());
+    for round in 0..3u8 {
+        let driver = {
+            let srv = srv.clone();
+            std::thread::spawn(move || {
+                let c = srv
+                    .accept_timeout(Duration::from_secs(5))
+                    .unwrap()
+                    .expect("a connection in this round");
+                let deadline = std::time::Instant::now() + Duration::from_millis(500);
+                while std::time::Instant::now() < deadline {
+                    srv.progress();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                c
+            })
+        };
+        conns.push(cli.connect_addr(&addr).unwrap());
+        let local = cli.alloc_region(4096, Rights::ALL).unwrap();
+        local.fill(0, 4096, round + 1).unwrap();
+        // Every connection so far, including those accepted by threads now gone.
+        let ops: Vec<_> = conns
+            .iter()
+            .map(|c| c.write(&local, 0, &key, 0, 4096).unwrap())
+            .collect();
+        accepted.push(driver.join().unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let serving = std::thread::spawn({
+            let (srv, stop) = (srv.clone(), stop.clone());
+            move || {
+                for _ in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    srv.progress();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let results: Vec<_> = ops.into_iter().map(|op| op.wait()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        serving.join().unwrap();
+        for r in results {
+            r.unwrap();
+        }
+        assert_eq!(region.to_vec(0, 4096).unwrap(), vec![round + 1; 4096]);
+    }
+}

@@ -451,6 +451,10 @@ impl Engine for TcpEngine {
                     format!("handshake with {addr}: {source}"),
                 ),
             },
+            // The deadline that passed is the connect deadline.
+            Error::Timeout { .. } => Error::Timeout {
+                after: cfg.connect_timeout,
+            },
             other => other,
         })?;
         let _ = s.set_read_timeout(None);
@@ -1161,9 +1165,15 @@ impl State {
         if let Some(l) = self.ctx.listeners.get_mut(idx) {
             l.armed = false;
         }
+        if res == -libc::ECANCELED {
+            // The thread that armed it exited (caller-driven endpoints); shutdown takes
+            // the listeners down with EINVAL instead. Arm it again from this thread.
+            self.ctx.rearm_accept = true;
+            return;
+        }
         let Some(fd) = sys::adopt_accepted(res) else {
             let err = std::io::Error::from_raw_os_error(-res);
-            if res != -libc::EINVAL && res != -libc::ECANCELED {
+            if res != -libc::EINVAL {
                 // Out of descriptors or memory: back off, and say so at most every 5 s.
                 let now = Instant::now();
                 if self
@@ -1611,6 +1621,26 @@ impl Ctx {
                     conn.stage = Some(v);
                 }
                 self.fail_conn(conn, why, false);
+                return;
+            }
+            r if r == -libc::ECANCELED && conn.closing.is_none() => {
+                // Canceled because the thread that armed it exited (a caller-driven
+                // endpoint driven from short-lived threads): put the buffer back and
+                // arm again from this thread.
+                match (conn.recv_into, held) {
+                    (RecvInto::Stage, Held::Buf(Buf::Heap(v))) => conn.stage = Some(v),
+                    (RecvInto::Direct, Held::Buf(Buf::Heap(v))) => {
+                        if let Rx::Payload {
+                            dst: Dst::Heap(slot),
+                            ..
+                        } = &mut conn.rx
+                        {
+                            *slot = Some(v);
+                        }
+                    }
+                    _ => {}
+                }
+                self.pump_rx(conn);
                 return;
             }
             r => {
@@ -2412,7 +2442,11 @@ impl Ctx {
         let Held::Gather(g) = held else {
             return;
         };
-        if res <= 0 {
+        // The kernel cancels a thread's pending requests when that thread exits, and a
+        // caller-driven endpoint may be driven by short-lived threads: send the rest
+        // again (a zero-copy send is never resumed by hand, see below).
+        let canceled = res == -libc::ECANCELED && !conn.tx_zc;
+        if res <= 0 && !canceled {
             if conn.closing.is_none() {
                 let why = if res == 0 {
                     "send made no progress".to_string()
@@ -2423,7 +2457,7 @@ impl Ctx {
             }
             return;
         }
-        conn.tx_sent += res as usize;
+        conn.tx_sent += res.max(0) as usize;
         if conn.tx_zc && conn.tx_sent < g.total() {
             // A zero-copy send is never resumed by hand (see `on_zc_sent`).
             let why = format!(
