@@ -150,3 +150,31 @@ fn a_caller_driven_endpoint_survives_the_threads_that_drove_it() {
         assert_eq!(region.to_vec(0, 4096).unwrap(), vec![round + 1; 4096]);
     }
 }
+
+/// A peer that stops in the middle of the handshake is a lost connection, whether it
+/// closes before or after reading the HELLO: not a protocol error, which would say it
+/// sent something invalid.
+#[test]
+fn a_peer_that_stops_during_the_handshake_is_a_lost_connection() {
+    use pfs_transport::{Endpoint, EndpointConfig, Error};
+    use std::io::Read;
+    for read_first in [0usize, 64, 4096] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; read_first];
+            let _ = s.read(&mut buf);
+        });
+        let ep = Endpoint::bind(EndpointConfig::new()).unwrap();
+        match ep.connect(&format!("tcp://{addr}")) {
+            Err(Error::ConnectionLost { reason }) => {
+                assert!(reason.contains("during the handshake"), "{reason}")
+            }
+            Err(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("read {read_first}: expected a lost connection, got {other:?}"),
+        }
+        peer.join().unwrap();
+    }
+}

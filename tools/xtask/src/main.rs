@@ -4,9 +4,14 @@
 //!   `pfs-bench` over every backend this machine can run, side by side with iperf3 and
 //!   sockperf (interleaved), and ends with the reality check.
 //! * `cargo xtask test` — everything CI runs: formatting, clippy, licences, every test
-//!   tier, and a quick run of the main job; prints the time of each phase.
+//!   tier, the chaos test, and a quick run of the main job; prints the time of each phase.
 //! * `cargo xtask fuzz [--seconds N]` — build the AFL++ fuzz targets in `fuzz/` and run
 //!   each for N seconds (default 25) from its committed corpus; fails on any crash or hang.
+//! * `cargo xtask memcheck` — the unsafe-code audit: `transport/tests/memcheck.rs` under
+//!   valgrind memcheck (rings, UMEM, registered memory); fails on any memory error.
+//! * `cargo xtask chaos [--seconds N]` — the chaos test (`transport/tests/chaos.rs`: node
+//!   processes killed and restarted, 5% packet loss, every operation verified) for N
+//!   seconds (default 120); needs root.
 //! * `cargo xtask deps` — install what the two commands need (idempotent).
 //! * `cargo xtask licenses` — check every dependency's licence against the allowed list.
 
@@ -15,15 +20,21 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: cargo xtask <bench [--quick] | test | fuzz [--seconds N] | deps | licenses>
+    "usage: cargo xtask <bench [--quick] | test | fuzz [--seconds N] | chaos [--seconds N] |
+                    memcheck | deps | licenses>
 
   bench      the main job: pfs-bench on every available backend, side by side with
              iperf3 and sockperf (interleaved, median ratio), ending in the reality check
              --quick   shorter runs (a smoke test of the main job)
-  test       fmt, clippy, licences, all tests, a short fuzz run and a quick main job;
-             prints phase times
+  test       fmt, clippy, licences, all tests, the 2-minute chaos test (as root), a
+             short fuzz run and a quick main job; prints phase times
   fuzz       run every fuzz target (AFL++, stable toolchain) for --seconds N each
              (default 25); installs cargo-afl if missing; fails on a crash or hang
+  chaos      the chaos test for --seconds N (default 120): node processes killed and
+             restarted, 5% packet loss in a private network namespace, every operation
+             verified; needs root and nft (cargo xtask deps)
+  memcheck   the memory audit: transport/tests/memcheck.rs under valgrind memcheck;
+             fails on an invalid access, an uninitialised value or a definite leak
   deps       install the Debian packages the commands need (idempotent; needs root)
   licenses   check dependency licences";
 
@@ -32,13 +43,21 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("bench") => bench(args[1..].iter().any(|a| a == "--quick")),
         Some("test") => test(),
-        Some("fuzz") => match fuzz_seconds(&args[1..]) {
+        Some("fuzz") => match seconds(&args[1..], FUZZ_SECONDS) {
             Ok(secs) => fuzz(secs),
             Err(e) => {
                 eprintln!("{e}\n{USAGE}");
                 return ExitCode::from(2);
             }
         },
+        Some("chaos") => match seconds(&args[1..], CHAOS_SECONDS) {
+            Ok(secs) => chaos(secs, true),
+            Err(e) => {
+                eprintln!("{e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("memcheck") => memcheck(),
         Some("deps") => deps(),
         Some("licenses") | Some("licences") => licenses(),
         Some("-h") | Some("--help") | Some("help") => {
@@ -125,6 +144,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("ethtool", "ethtool"),
     ("tcpdump", "tcpdump"),
+    // The chaos test: packet loss inside its private network namespace.
+    ("nft", "nftables"),
+    // The memory audit of the unsafe code.
+    ("valgrind", "valgrind"),
     // The xdp feature: clang builds the XDP program, and libxdp is built from source.
     ("clang", "clang"),
     ("llc", "llvm"),
@@ -392,6 +415,9 @@ fn test() -> R {
                 &["test", "--release", "--workspace", "--all-features"],
             )
         })?;
+        // Peer kills and packet loss against every backend, as root (2 minutes).
+        p.run("chaos", || chaos(CHAOS_SECONDS, is_root()))?;
+        p.run("memcheck (valgrind)", memcheck)?;
         p.run("docs", || {
             // Broken intra-doc links and other rustdoc warnings fail the build.
             run_with(
@@ -414,9 +440,97 @@ const FUZZ_SECONDS: u64 = 25;
 /// The fuzz targets, each a binary of `fuzz/` with a corpus in `fuzz/corpus/NAME`.
 const FUZZ_TARGETS: &[&str] = &["wire_decode", "key_parse", "proto_datagrams"];
 
-fn fuzz_seconds(args: &[String]) -> Result<u64, String> {
+/// Seconds the chaos test runs in `cargo xtask test`, and by default.
+const CHAOS_SECONDS: u64 = 120;
+
+/// The chaos test (`transport/tests/chaos.rs`), built like the tests phase builds (so
+/// after it nothing is rebuilt). With `require`, a test that cannot run (not root, no
+/// nft, no network namespaces) fails instead of skipping.
+fn chaos(secs: u64, require: bool) -> R {
+    let secs_text = secs.to_string();
+    let mut envs = vec![("PFS_CHAOS_SECS", secs_text.as_str())];
+    if require {
+        envs.push(("PFS_REQUIRE_ROOT_TESTS", "1"));
+    } else {
+        println!(
+            "not root: the chaos test will say it skipped (it needs a network namespace \
+             and nftables)"
+        );
+    }
+    run_with(
+        &cargo(),
+        &[
+            "test",
+            "--release",
+            "--workspace",
+            "--all-features",
+            "--test",
+            "chaos",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ],
+        &envs,
+    )
+}
+
+/// The unsafe-code audit: `transport/tests/memcheck.rs` (single-threaded where it can be:
+/// valgrind runs one thread at a time and holds that lock across `io_uring_enter`)
+/// under valgrind memcheck, from the release build the tests phase made. Any invalid
+/// access, use of an uninitialised value or definitely lost block fails it, as does a
+/// failing test. `tools/valgrind.supp` holds the findings outside PacketFS, each
+/// justified.
+fn memcheck() -> R {
+    if !have("valgrind") {
+        return Err("valgrind is missing: run `cargo xtask deps` (Debian package valgrind)".into());
+    }
+    let out = Command::new(cargo())
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--all-features",
+            "--test",
+            "memcheck",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cargo test --no-run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the memcheck tests failed ({})",
+            out.status
+        ));
+    }
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "memcheck")
+        .find_map(|m| m["executable"].as_str().map(String::from))
+        .ok_or("cargo named no memcheck test binary")?;
+    let supp = root().join("tools/valgrind.supp");
+    let supp = format!("--suppressions={}", supp.display());
+    run(
+        "valgrind",
+        &[
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--track-origins=yes",
+            &supp,
+            &exe,
+            "--test-threads=1",
+        ],
+    )
+}
+
+/// `--seconds N` (N above 0), or `default` without arguments.
+fn seconds(args: &[String], default: u64) -> Result<u64, String> {
     match args {
-        [] => Ok(FUZZ_SECONDS),
+        [] => Ok(default),
         [flag, n] if flag == "--seconds" || flag == "--long" => n
             .parse::<u64>()
             .ok()

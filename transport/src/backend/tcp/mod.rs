@@ -568,10 +568,15 @@ fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result
     }
     let _ = s.set_read_timeout(Some(left));
     s.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::Protocol(
-            "the peer closed the connection during the handshake (is it a PacketFS endpoint?)"
-                .into(),
-        ),
+        // A peer that dies mid-handshake and one that is not a PacketFS endpoint look
+        // the same from here; neither sent anything invalid.
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            Error::ConnectionLost {
+                reason: "the peer closed the connection during the handshake (it stopped, \
+                         or it is not a PacketFS endpoint)"
+                    .into(),
+            }
+        }
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout {
             after: Duration::ZERO,
         },
