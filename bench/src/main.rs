@@ -9,6 +9,7 @@ mod report;
 mod scenario;
 mod signals;
 mod sweep;
+mod task;
 mod twohost;
 mod units;
 
@@ -57,6 +58,11 @@ enum Cmd {
     /// to 8 MiB) on one connection, and write bandwidth over 1 to 64 connections at 64
     /// KiB, for every backend; over loopback, or between two hosts with --two-hosts.
     Sweep(sweep::SweepArgs),
+    /// Send algorithms, not data: reduce a remote region (256 MiB by default) by pulling
+    /// it versus dispatching the reduction to its owner (pfs-memshare), interleaved, for
+    /// every backend available; time, bytes moved, the ratio, and the empty task's round
+    /// trip next to the small-message round trip.
+    Task(task::TaskArgs),
     /// Draw a JSON result document (from sweep, run, compare or client --json) as an
     /// SVG or PNG: bandwidth and latency over message size, latency CDFs, bandwidth over
     /// connections, with memcpy, iperf3 and line-rate reference lines.
@@ -271,6 +277,7 @@ fn main() -> ExitCode {
         Some(Cmd::Client(a)) => client(&a),
         Some(Cmd::Compare(a)) => baseline::compare(&a),
         Some(Cmd::Sweep(a)) => sweep::sweep(&a),
+        Some(Cmd::Task(a)) => task::task(&a),
         Some(Cmd::Plot(a)) => plot::plot(&a.input, &a.output),
         Some(Cmd::Info(a)) => info::info(a.probe.as_deref(), a.json.as_deref()),
         #[cfg(feature = "xdp")]

@@ -440,3 +440,34 @@ fn integrity_is_measured_next_to_the_plain_run() {
         "{stderr}"
     );
 }
+
+#[test]
+fn task_scenario_ships_the_reduction_and_reports_both_ways() {
+    let (code, out, err) = run(&[
+        "task",
+        "--backend",
+        "tcp",
+        "--size",
+        "1M",
+        "--pairs",
+        "1",
+        "--round-trips",
+        "5",
+        "--json",
+        "-",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("pull/ship"), "{out}");
+    let json = &out[out.find("{\n").expect("a JSON document")..];
+    let doc: serde_json::Value = serde_json::from_str(json).expect("valid JSON");
+    let row = &doc["results"][0];
+    assert_eq!(row["backend"], "tcp");
+    assert!(
+        row["pull_bytes_moved"].as_u64().unwrap() >= 1 << 20,
+        "{row}"
+    );
+    assert!(row["ship_bytes_moved"].as_u64().unwrap() < 4096, "{row}");
+    let (code, _, err) = run(&["task", "--size", "12"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("multiple of 8"), "{err}");
+}
