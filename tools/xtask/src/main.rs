@@ -279,6 +279,35 @@ fn bench(quick: bool) -> R {
             &run_json.to_string_lossy(),
         ],
     )?;
+    // What per-datagram integrity costs (udp, each test with and without).
+    let integrity_json = out.join("run-integrity.json");
+    run(
+        &bin,
+        &[
+            "run",
+            "--backend",
+            "udp",
+            "--integrity",
+            "--duration",
+            if quick { "300ms" } else { "2s" },
+            "--json",
+            &integrity_json.to_string_lossy(),
+        ],
+    )?;
+    // Sending the reduction to the memory against pulling the memory to the reduction.
+    let task_json = out.join("task.json");
+    run(
+        &bin,
+        &[
+            "task",
+            "--size",
+            if quick { "64M" } else { "256M" },
+            "--pairs",
+            if quick { "1" } else { "3" },
+            "--json",
+            &task_json.to_string_lossy(),
+        ],
+    )?;
     let (pairs, secs) = if quick { ("1", "1s") } else { ("3", "3s") };
     run(
         &bin,
@@ -345,10 +374,12 @@ fn bench(quick: bool) -> R {
         );
     }
     println!(
-        "\nmain job finished in {:.0} s; JSON in {}, {} and {}; sweeps and their plots \
-         (sweep*.json, .svg, .png) in {}",
+        "\nmain job finished in {:.0} s; JSON in {}, {}, {}, {} and {}; sweeps and their \
+         plots (sweep*.json, .svg, .png) in {}",
         t.elapsed().as_secs_f64(),
         run_json.display(),
+        integrity_json.display(),
+        task_json.display(),
         cmp_json.display(),
         two_json.display(),
         out.display()
