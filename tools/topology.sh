@@ -41,8 +41,8 @@ up() {
     done
     case "$MTU" in ''|*[!0-9]*) die "--mtu must be a number, got $MTU" ;; esac
     case "$QUEUES" in ''|*[!0-9]*) die "--queues must be a number, got $QUEUES" ;; esac
-    [ "$MTU" -ge 576 ] && [ "$MTU" -le 65535 ] || die "--mtu $MTU out of range 576..65535"
-    [ "$QUEUES" -ge 1 ] && [ "$QUEUES" -le 16 ] || die "--queues $QUEUES out of range 1..16"
+    if [ "$MTU" -lt 576 ] || [ "$MTU" -gt 65535 ]; then die "--mtu $MTU out of range 576..65535"; fi
+    if [ "$QUEUES" -lt 1 ] || [ "$QUEUES" -gt 16 ]; then die "--queues $QUEUES out of range 1..16"; fi
     [ "$(id -u)" = 0 ] || die "needs root (network namespaces and veth)"
     command -v ethtool >/dev/null || die "needs ethtool (cargo xtask deps installs it)"
 

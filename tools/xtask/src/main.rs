@@ -148,6 +148,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // The memory audit of the unsafe code.
     ("valgrind", "valgrind"),
+    // Lint of the shell tools (tools/*.sh).
+    ("shellcheck", "shellcheck"),
     // The xdp feature: clang builds the XDP program, and libxdp is built from source.
     ("clang", "clang"),
     ("llc", "llvm"),
@@ -422,6 +424,9 @@ fn test() -> R {
     let r = (|| {
         p.run("deps", deps)?;
         p.run("fmt", || run(&cargo(), &["fmt", "--all", "--", "--check"]))?;
+        p.run("shellcheck", || {
+            run("shellcheck", &["tools/topology.sh", "tools/rdma-vm.sh"])
+        })?;
         p.run("clippy", || {
             run(
                 &cargo(),
