@@ -450,6 +450,23 @@ impl Inner {
                 "the key presented for {name:?} is not the one this node issued"
             )));
         }
+        // As strict as the transport's own check of one-sided operations: a key
+        // revoked or expired since it was announced no longer authorises anything.
+        let parsed: RegionKey = key.parse().map_err(|e| {
+            RemoteError::Denied(format!(
+                "the key presented for {name:?} does not decode: {e}"
+            ))
+        })?;
+        if let Err(e) = self.ep.check_key(&parsed, need, offset, len) {
+            return Err(match e {
+                pfs_transport::Error::OutOfBounds { .. } => RemoteError::OutOfRange {
+                    offset,
+                    len,
+                    size: ex.entry.size,
+                },
+                e => RemoteError::Denied(format!("{name:?}: {e}")),
+            });
+        }
         if !Rights::from_bits(ex.entry.rights).is_some_and(|r| r.contains(need)) {
             return Err(RemoteError::Denied(format!(
                 "{name:?} does not grant {need}"

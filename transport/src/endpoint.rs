@@ -629,6 +629,39 @@ impl Endpoint {
         Ok(self.inner.core.regions.insert(mem, rights))
     }
 
+    /// Check, as this endpoint's target side would for a one-sided operation, that `key`
+    /// grants `need` on `[offset, offset + len)` of one of this endpoint's regions: the
+    /// key names this endpoint, its region exists, its token is one this endpoint issued
+    /// and has not revoked, it has not expired, its rights cover `need`, and the range is
+    /// inside the region. For layers above that take keys in requests of their own (a
+    /// task to run on a region, a copy to make from it) and must authorize them as
+    /// strictly as the transport does.
+    pub fn check_key(&self, key: &RegionKey, need: Rights, offset: u64, len: u64) -> Result<()> {
+        let core = &self.inner.core;
+        if key.owner != core.id {
+            return Err(Error::AccessDenied {
+                reason: format!(
+                    "the key belongs to endpoint {:016x}, not to this one ({:016x})",
+                    key.owner, core.id
+                ),
+            });
+        }
+        let target = Target {
+            region: key.region,
+            offset,
+            token: key.token,
+        };
+        match core.regions.authorize(&target, need, len, false) {
+            Ok(_) => Ok(()),
+            Err(r) => Err(
+                match crate::backend::remote_error(r.code, r.why, offset, len, key.len) {
+                    Error::UnknownRegion { .. } => Error::UnknownRegion { region: key.region },
+                    e => e,
+                },
+            ),
+        }
+    }
+
     /// Drive every engine once without blocking; returns how much work was done.
     /// Needed only with [`Progress::Caller`] (it is harmless otherwise).
     pub fn progress(&self) -> usize {
