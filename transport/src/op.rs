@@ -280,6 +280,24 @@ impl<T: OpOutput> Op<T> {
     }
 }
 
+impl<T: OpOutput> Op<T> {
+    /// Wait at most `timeout` for the operation. `None` if it has not completed by then:
+    /// the operation goes on (it still completes by its own deadline, and its buffers
+    /// stay alive until it does), and the handle can be waited on again. After it
+    /// returns `Some`, later calls return `None`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<T>> {
+        let c = self.c.clone();
+        let deadline = Instant::now() + timeout;
+        match self
+            .driver
+            .wait(&self.c.notify, Some(deadline), || c.take())
+        {
+            Ok(r) => r.map(|r| r.map(T::from_raw)),
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
 impl<T: OpOutput> Future for Op<T> {
     type Output = Result<T>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {

@@ -178,3 +178,67 @@ fn a_peer_that_stops_during_the_handshake_is_a_lost_connection() {
         peer.join().unwrap();
     }
 }
+
+/// `Op::wait_timeout` gives up waiting, not the operation: it returns `None` while the
+/// target is not serving, and the same handle completes once it does.
+#[test]
+fn wait_timeout_returns_without_abandoning_the_operation() {
+    use pfs_transport::{Endpoint, EndpointConfig, Progress, Rights};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    // A caller-driven server that nobody drives yet.
+    let srv = Arc::new(
+        Endpoint::bind(
+            EndpointConfig::new()
+                .listen("tcp://127.0.0.1:0")
+                .unwrap()
+                .progress(Progress::Caller),
+        )
+        .unwrap(),
+    );
+    let region = srv.alloc_region(4096, Rights::ALL).unwrap();
+    let key = region.key(Rights::ALL).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let serve = |srv: Arc<Endpoint>, stop: Arc<AtomicBool>| {
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                srv.progress();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    // Serve while the client connects, then stop serving.
+    let serving = serve(srv.clone(), stop.clone());
+    let cli = Endpoint::bind(EndpointConfig::new()).unwrap();
+    let conn = cli.connect_addr(&srv.local_addrs()[0]).unwrap();
+    let accepted = srv.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    serving.join().unwrap();
+    let local = cli.alloc_region(4096, Rights::ALL).unwrap();
+    local.fill(0, 4096, 0x5a).unwrap();
+    let mut op = conn.write(&local, 0, &key, 0, 4096).unwrap();
+    let started = Instant::now();
+    assert!(op.wait_timeout(Duration::from_millis(100)).is_none());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    // The target serves again: the same handle completes.
+    stop.store(false, Ordering::Relaxed);
+    let serving = serve(srv.clone(), stop.clone());
+    match op.wait_timeout(Duration::from_secs(10)) {
+        Some(r) => r.unwrap(),
+        None => panic!("the write did not complete once the target served"),
+    }
+    assert!(
+        op.wait_timeout(Duration::from_millis(1)).is_none(),
+        "the result is taken"
+    );
+    assert_eq!(region.to_vec(0, 4096).unwrap(), vec![0x5a; 4096]);
+    stop.store(true, Ordering::Relaxed);
+    serving.join().unwrap();
+    drop(accepted);
+}
