@@ -4,8 +4,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pfs_transport::{Region, RegionKey, Rights};
+use pfs_transport::{Connection, Op, Region, RegionKey, Rights};
 
+use crate::builtin;
 use crate::error::{Error, Result};
 use crate::node::{CHUNK, Inner};
 use crate::wire::{DirEntry, Request};
@@ -17,6 +18,11 @@ const STAGING: u64 = 16 << 20;
 const SMALL_STAGING: u64 = 256 << 10;
 /// How many small staging regions a node keeps.
 const STAGING_POOL: usize = 16;
+
+/// A one-sided operation between a local region and a remote one, as
+/// [`Connection::read`] and [`Connection::write`] start it: local region and offset,
+/// remote key and offset, length.
+type StartOp = fn(&Connection, &Region, u64, &RegionKey, u64, u64) -> pfs_transport::Result<Op<()>>;
 
 /// A handle on a named region of the cluster: bounds-checked reads and writes, u64
 /// views, atomics, third-party copies and task dispatch. On the owner it works on the
@@ -118,15 +124,7 @@ impl SharedBuffer {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.entry.size) {
-            return Err(Error::OutOfRange {
-                name: self.entry.name.clone(),
-                offset,
-                len,
-                size: self.entry.size,
-            });
-        }
-        Ok(())
+        Error::check_range(&self.entry.name, offset, len, self.entry.size)
     }
 
     fn need(&self, r: Rights, op: &'static str) -> Result<()> {
@@ -207,17 +205,14 @@ impl SharedBuffer {
         let mut done = 0u64;
         while done < len {
             let round = (len - done).min(STAGING);
-            let mut ops = Vec::new();
-            let mut at = 0u64;
-            while at < round {
-                let n = (round - at).min(CHUNK);
-                ops.push(
-                    conn.read(&staging, at, &self.key, offset + done + at, n)
-                        .map_err(|e| self.op_error("read", offset, len, e))?,
-                );
-                at += n;
-            }
-            pfs_transport::wait_all(ops).map_err(|e| self.op_error("read", offset, len, e))?;
+            self.transfer_round(
+                &conn,
+                &staging,
+                offset + done,
+                round,
+                Connection::read,
+                |e| self.op_error("read", offset, len, e),
+            )?;
             let dst = &mut buf[done as usize..(done + round) as usize];
             staging
                 .read_at(0, dst)
@@ -258,21 +253,40 @@ impl SharedBuffer {
             staging
                 .write_at(0, &data[done as usize..(done + round) as usize])
                 .map_err(|e| self.op_error("write", offset, len, e))?;
-            let mut ops = Vec::new();
-            let mut at = 0u64;
-            while at < round {
-                let n = (round - at).min(CHUNK);
-                ops.push(
-                    conn.write(&staging, at, &self.key, offset + done + at, n)
-                        .map_err(|e| self.op_error("write", offset, len, e))?,
-                );
-                at += n;
-            }
-            pfs_transport::wait_all(ops).map_err(|e| self.op_error("write", offset, len, e))?;
+            self.transfer_round(
+                &conn,
+                &staging,
+                offset + done,
+                round,
+                Connection::write,
+                |e| self.op_error("write", offset, len, e),
+            )?;
             done += round;
         }
         self.recycle(staging);
         Ok(())
+    }
+
+    /// Move `round` bytes between the start of `staging` and the region at `remote` with
+    /// `start` (a read or a write), in operations of at most `CHUNK` bytes, and wait
+    /// for all of them.
+    fn transfer_round(
+        &self,
+        conn: &Connection,
+        staging: &Region,
+        remote: u64,
+        round: u64,
+        start: StartOp,
+        err: impl Fn(pfs_transport::Error) -> Error,
+    ) -> Result<()> {
+        let mut ops = Vec::new();
+        let mut at = 0u64;
+        while at < round {
+            let n = (round - at).min(CHUNK);
+            ops.push(start(conn, staging, at, &self.key, remote + at, n).map_err(&err)?);
+            at += n;
+        }
+        pfs_transport::wait_all(ops).map_err(err)
     }
 
     /// A staging region for `len` bytes: a pooled small one, or a new one.
@@ -313,17 +327,13 @@ impl SharedBuffer {
     pub fn read_u64s(&self, index: u64, count: usize) -> Result<Vec<u64>> {
         let (offset, len) = self.elems(index, count as u64)?;
         let bytes = self.read_vec(offset, len)?;
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect())
+        Ok(builtin::decode_u64s(&bytes))
     }
 
     /// Write `values` as little-endian u64s starting at element `index`.
     pub fn write_u64s(&self, index: u64, values: &[u64]) -> Result<()> {
         let (offset, _) = self.elems(index, values.len() as u64)?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.write(offset, &bytes)
+        self.write(offset, &builtin::encode_u64s(values))
     }
 
     /// Number of whole u64 elements.
@@ -332,15 +342,7 @@ impl SharedBuffer {
     }
 
     fn elems(&self, index: u64, count: u64) -> Result<(u64, u64)> {
-        match (index.checked_mul(8), count.checked_mul(8)) {
-            (Some(o), Some(l)) => Ok((o, l)),
-            _ => Err(Error::OutOfRange {
-                name: self.entry.name.clone(),
-                offset: index.saturating_mul(8),
-                len: count.saturating_mul(8),
-                size: self.entry.size,
-            }),
-        }
+        Error::elem_range(&self.entry.name, index, count, self.entry.size)
     }
 
     fn atomic_check(&self, offset: u64, op: &'static str) -> Result<()> {

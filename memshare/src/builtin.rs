@@ -61,13 +61,22 @@ pub fn histogram_u64(view: &LocalRegionView, args: &[u8]) -> Result<Vec<u8>, Tas
             }
         }
     })?;
-    Ok(counts.iter().flat_map(|c| c.to_le_bytes()).collect())
+    Ok(encode_u64s(&counts))
 }
 
 /// Decode little-endian u64s (a task result).
 pub fn decode_u64s(bytes: &[u8]) -> Vec<u64> {
+    le_u64s(bytes).collect()
+}
+
+/// The little-endian u64s of `bytes`, in order; a trailing partial element is ignored.
+pub(crate) fn le_u64s(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+}
+
+/// Encode u64s little-endian, the inverse of [`decode_u64s`].
+pub(crate) fn encode_u64s(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }

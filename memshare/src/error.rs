@@ -160,6 +160,33 @@ impl Error {
             source,
         }
     }
+
+    /// Refuse `len` bytes at `offset` unless they lie within the `size` bytes of `name`.
+    pub(crate) fn check_range(name: &str, offset: u64, len: u64, size: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                name: name.to_string(),
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Byte offset and length of `count` u64 elements from element `index` of `name`
+    /// (`size` bytes long), refused when either overflows.
+    pub(crate) fn elem_range(name: &str, index: u64, count: u64, size: u64) -> Result<(u64, u64)> {
+        match (index.checked_mul(8), count.checked_mul(8)) {
+            (Some(o), Some(l)) => Ok((o, l)),
+            _ => Err(Error::OutOfRange {
+                name: name.to_string(),
+                offset: index.saturating_mul(8),
+                len: count.saturating_mul(8),
+                size,
+            }),
+        }
+    }
 }
 
 /// An error a remote node reports in a response.

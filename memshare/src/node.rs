@@ -495,14 +495,7 @@ impl Inner {
         let key: RegionKey = dst_key
             .parse()
             .map_err(|e| Error::transport("decoding the destination key", e))?;
-        if dst_offset.checked_add(len).is_none_or(|e| e > key.len()) {
-            return Err(Error::OutOfRange {
-                name: "copy destination".into(),
-                offset: dst_offset,
-                len,
-                size: key.len(),
-            });
-        }
+        Error::check_range("copy destination", dst_offset, len, key.len())?;
         if key.owner() == self.id {
             let dst = self
                 .exports

@@ -1,6 +1,7 @@
 //! Striped arrays: one logical buffer over the regions of several nodes.
 
 use crate::buffer::SharedBuffer;
+use crate::builtin;
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::wire::{self, DirEntry, Request, StripeInfo};
@@ -21,7 +22,8 @@ pub struct StripedArray {
 }
 
 impl StripedArray {
-    pub(crate) fn create(node: &Node, name: &str, len: u64, nodes: usize) -> Result<StripedArray> {
+    /// Refuse an empty array, no nodes, and a name holding the stripe separator.
+    fn validate(name: &str, len: u64, nodes: usize) -> Result<()> {
         if len == 0 || nodes == 0 {
             return Err(Error::InvalidArgument(format!(
                 "striped array {name:?} needs a length and a node count of at least 1 \
@@ -33,6 +35,11 @@ impl StripedArray {
                 "striped array names may not contain '#' (it separates the stripe index): {name:?}"
             )));
         }
+        Ok(())
+    }
+
+    pub(crate) fn create(node: &Node, name: &str, len: u64, nodes: usize) -> Result<StripedArray> {
+        Self::validate(name, len, nodes)?;
         let mut hosts: Vec<u64> = vec![node.inner.id];
         hosts.extend(node.members().into_iter().map(|m| m.id));
         hosts.sort();
@@ -53,17 +60,7 @@ impl StripedArray {
         hosts: &[u64],
     ) -> Result<StripedArray> {
         let nodes = hosts.len();
-        if len == 0 || nodes == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "striped array {name:?} needs a length and a node count of at least 1 \
-                 (got {len} bytes over {nodes} nodes)"
-            )));
-        }
-        if name.contains('#') {
-            return Err(Error::InvalidArgument(format!(
-                "striped array names may not contain '#' (it separates the stripe index): {name:?}"
-            )));
-        }
+        Self::validate(name, len, nodes)?;
         let inner = &node.inner;
         let up: std::collections::HashMap<u64, String> =
             node.members().into_iter().map(|m| (m.id, m.addr)).collect();
@@ -202,15 +199,7 @@ impl StripedArray {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(Error::OutOfRange {
-                name: self.name.clone(),
-                offset,
-                len,
-                size: self.len,
-            });
-        }
-        Ok(())
+        Error::check_range(&self.name, offset, len, self.len)
     }
 
     /// Pieces of `offset..offset+len`: (stripe, offset in stripe, offset in the range,
@@ -266,32 +255,19 @@ impl StripedArray {
         let (o, l) = self.elems(index, count as u64)?;
         let mut bytes = vec![0u8; l as usize];
         self.read(o, &mut bytes)?;
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect())
+        Ok(builtin::decode_u64s(&bytes))
     }
 
     /// Write `values` from global element `index`.
     pub fn write_u64s(&self, index: u64, values: &[u64]) -> Result<()> {
         let (o, _) = self.elems(index, values.len() as u64)?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.write(o, &bytes)
+        self.write(o, &builtin::encode_u64s(values))
     }
 
     fn elems(&self, index: u64, count: u64) -> Result<(u64, u64)> {
-        match (index.checked_mul(8), count.checked_mul(8)) {
-            (Some(o), Some(l)) => {
-                self.check(o, l)?;
-                Ok((o, l))
-            }
-            _ => Err(Error::OutOfRange {
-                name: self.name.clone(),
-                offset: index.saturating_mul(8),
-                len: count.saturating_mul(8),
-                size: self.len,
-            }),
-        }
+        let (o, l) = Error::elem_range(&self.name, index, count, self.len)?;
+        self.check(o, l)?;
+        Ok((o, l))
     }
 
     /// Run `task` with `args` at every stripe's owner, in parallel, over the logical

@@ -80,14 +80,7 @@ impl LocalRegionView {
     }
 
     fn check(&self, offset: u64, len: u64) -> crate::Result<usize> {
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(crate::Error::OutOfRange {
-                name: self.name.clone(),
-                offset,
-                len,
-                size: self.len,
-            });
-        }
+        crate::Error::check_range(&self.name, offset, len, self.len)?;
         Ok((self.base + offset) as usize)
     }
 
@@ -113,10 +106,7 @@ impl LocalRegionView {
         self.check(offset, len)?;
         let mut bytes = vec![0u8; len as usize];
         self.read(offset, &mut bytes)?;
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect())
+        Ok(crate::builtin::decode_u64s(&bytes))
     }
 
     /// Atomically load the u64 at element `index` (the window must start 8-byte
@@ -139,11 +129,7 @@ impl LocalRegionView {
             let n = (total - i).min(CHUNK_ELEMS);
             self.read(i as u64 * 8, &mut bytes[..n * 8])?;
             vals.clear();
-            vals.extend(
-                bytes[..n * 8]
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-            );
+            vals.extend(crate::builtin::le_u64s(&bytes[..n * 8]));
             f(&vals);
             i += n;
         }
