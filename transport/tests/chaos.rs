@@ -964,6 +964,34 @@ impl Worker {
             .failed(self.backend, op, &k.inc, e, took, self.deadline);
     }
 
+    /// Tallies a finished operation: a failure (`Err`), a verification failure where
+    /// `verify` describes one, or a success. `Ok` says whether the result verified.
+    fn settle<T>(
+        &self,
+        k: &mut Known,
+        op: &'static str,
+        r: pfs_transport::Result<T>,
+        took: Duration,
+        verify: impl FnOnce(&mut Known, T) -> Option<String>,
+    ) -> Result<bool, ()> {
+        match r {
+            Ok(v) => match verify(k, v) {
+                Some(detail) => {
+                    self.sh.mismatch(self.backend, op, &k.inc, detail);
+                    Ok(false)
+                }
+                None => {
+                    self.sh.ok(self.backend, op, took, self.deadline);
+                    Ok(true)
+                }
+            },
+            Err(e) => {
+                self.fail(k, op, &e, took);
+                Err(())
+            }
+        }
+    }
+
     /// Writes of random bytes to up to `MAX_BATCH` chunks at once, then the whole chunks
     /// read back and compared with what this worker knows they hold.
     fn writes_and_reads(&mut self, k: &mut Known, conn: &Connection) -> Result<(), ()> {
@@ -1027,13 +1055,7 @@ impl Worker {
         }
         for (op, at) in ops {
             let (r, took) = finish(op, at);
-            match r {
-                Ok(()) => self.sh.ok(self.backend, "write", took, self.deadline),
-                Err(e) => {
-                    self.fail(k, "write", &e, took);
-                    failed = true;
-                }
-            }
+            failed |= self.settle(k, "write", r, took, |_, ()| None).is_err();
         }
         if failed {
             // Any of these writes may still land.
@@ -1076,29 +1098,19 @@ impl Worker {
         let mut got = vec![0u8; CHUNK];
         for (op, at, j, c) in ops {
             let (r, took) = finish(op, at);
-            match r {
-                Ok(()) => {
-                    self.local
-                        .read_at(LOCAL_READ_AT + j * CHUNK, &mut got)
-                        .unwrap();
-                    let want = &k.shadow[c * CHUNK..(c + 1) * CHUNK];
-                    if got != want {
-                        self.sh.mismatch(
-                            self.backend,
-                            "read",
-                            &k.inc,
-                            describe_diff(base + c * CHUNK, &got, want),
-                        );
-                        k.tainted[c] = Some(Instant::now());
-                    } else {
-                        self.sh.ok(self.backend, "read", took, self.deadline);
-                    }
+            let r = self.settle(k, "read", r, took, |k, ()| {
+                self.local
+                    .read_at(LOCAL_READ_AT + j * CHUNK, &mut got)
+                    .unwrap();
+                let want = &k.shadow[c * CHUNK..(c + 1) * CHUNK];
+                if got == want {
+                    return None;
                 }
-                Err(e) => {
-                    self.fail(k, "read", &e, took);
-                    failed = true;
-                }
-            }
+                let diff = describe_diff(base + c * CHUNK, &got, want);
+                k.tainted[c] = Some(Instant::now());
+                Some(diff)
+            });
+            failed |= r.is_err();
         }
         if failed { Err(()) } else { Ok(()) }
     }
@@ -1127,18 +1139,17 @@ impl Worker {
             )
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        if let Err(e) = r {
-            self.fail(k, "whole-slot write", &e, took);
+        let r = self.settle(k, "whole-slot write", r, took, |k, ()| {
+            k.shadow.copy_from_slice(&data[..len]);
+            None
+        });
+        self.scratch = data;
+        if r.is_err() {
             for t in k.tainted.iter_mut() {
                 *t = Some(Instant::now());
             }
-            self.scratch = data;
             return Err(());
         }
-        self.sh
-            .ok(self.backend, "whole-slot write", took, self.deadline);
-        k.shadow.copy_from_slice(&data[..len]);
-        self.scratch = data;
 
         self.set_doing("whole-slot read", Some(&k.inc));
         self.local.fill(LOCAL_SLOT_AT, len, POISON).unwrap();
@@ -1153,30 +1164,17 @@ impl Worker {
             )
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(()) => {
-                let got = self.local.to_vec(LOCAL_SLOT_AT, len).unwrap();
-                if got != k.shadow {
-                    self.sh.mismatch(
-                        self.backend,
-                        "whole-slot read",
-                        &k.inc,
-                        describe_diff(self.slot_at(), &got, &k.shadow),
-                    );
-                    for t in k.tainted.iter_mut() {
-                        *t = Some(Instant::now());
-                    }
-                } else {
-                    self.sh
-                        .ok(self.backend, "whole-slot read", took, self.deadline);
-                }
-                Ok(())
+        self.settle(k, "whole-slot read", r, took, |k, ()| {
+            let got = self.local.to_vec(LOCAL_SLOT_AT, len).unwrap();
+            if got == k.shadow {
+                return None;
             }
-            Err(e) => {
-                self.fail(k, "whole-slot read", &e, took);
-                Err(())
+            for t in k.tainted.iter_mut() {
+                *t = Some(Instant::now());
             }
-        }
+            Some(describe_diff(self.slot_at(), &got, &k.shadow))
+        })?;
+        Ok(())
     }
 
     /// A read of the region's untouched part, compared with its initial content.
@@ -1196,28 +1194,12 @@ impl Worker {
             )
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(()) => {
-                let got = self.local.to_vec(LOCAL_REF_AT, len).unwrap();
-                let want = initial_bytes(k.inc.seed, off, len);
-                if got != want {
-                    self.sh.mismatch(
-                        self.backend,
-                        "reference read",
-                        &k.inc,
-                        describe_diff(off, &got, &want),
-                    );
-                } else {
-                    self.sh
-                        .ok(self.backend, "reference read", took, self.deadline);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.fail(k, "reference read", &e, took);
-                Err(())
-            }
-        }
+        self.settle(k, "reference read", r, took, |k, ()| {
+            let got = self.local.to_vec(LOCAL_REF_AT, len).unwrap();
+            let want = initial_bytes(k.inc.seed, off, len);
+            (got != want).then(|| describe_diff(off, &got, &want))
+        })?;
+        Ok(())
     }
 
     fn fence(&mut self, k: &mut Known, conn: &Connection) -> Result<(), ()> {
@@ -1225,16 +1207,8 @@ impl Worker {
         let at = Instant::now();
         let r = conn.fence().and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(()) => {
-                self.sh.ok(self.backend, "fence", took, self.deadline);
-                Ok(())
-            }
-            Err(e) => {
-                self.fail(k, "fence", &e, took);
-                Err(())
-            }
-        }
+        self.settle(k, "fence", r, took, |_, ()| None)?;
+        Ok(())
     }
 
     /// Fetch-and-add on this worker's own counter: the old value must be exactly what
@@ -1252,29 +1226,17 @@ impl Worker {
             .fetch_add(&k.inc.key, off, add)
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(old) => {
-                if old != k.faa_expect {
-                    self.sh.mismatch(
-                        self.backend,
-                        "fetch-add",
-                        &k.inc,
-                        format!("old value {old:#x} at {off}, want {:#x}", k.faa_expect),
-                    );
-                    k.faa_expect = old;
-                } else {
-                    self.sh.ok(self.backend, "fetch-add", took, self.deadline);
-                }
-                k.faa_expect = k.faa_expect.wrapping_add(add);
-                Ok(())
-            }
-            Err(e) => {
-                self.fail(k, "fetch-add", &e, took);
-                k.faa_word += 1;
-                k.faa_expect = initial_word(k.inc.seed, (self.word_at(k.faa_word) / 8) as u64);
-                Err(())
-            }
+        if r.is_err() {
+            k.faa_word += 1;
+            k.faa_expect = initial_word(k.inc.seed, (self.word_at(k.faa_word) / 8) as u64);
         }
+        self.settle(k, "fetch-add", r, took, |k, old| {
+            let bad = (old != k.faa_expect)
+                .then(|| format!("old value {old:#x} at {off}, want {:#x}", k.faa_expect));
+            k.faa_expect = old.wrapping_add(add);
+            bad
+        })?;
+        Ok(())
     }
 
     /// Fetch-and-add on the node's shared counter (all workers): checked at the end.
@@ -1286,33 +1248,22 @@ impl Worker {
             .fetch_add(&k.inc.key, COUNTERS_AT as u64, add)
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(old) => {
-                k.inc.shared_ok.fetch_add(add, Ordering::SeqCst);
-                // Other workers add too, but never this much in one test.
-                if old.wrapping_sub(k.shared_floor) >= 1 << 40 {
-                    self.sh.mismatch(
-                        self.backend,
-                        "shared fetch-add",
-                        &k.inc,
-                        format!(
-                            "old value {old:#x}, but the counter was at least {:#x} already",
-                            k.shared_floor
-                        ),
-                    );
-                    return Err(());
-                }
-                k.shared_floor = old.wrapping_add(add);
-                self.sh
-                    .ok(self.backend, "shared fetch-add", took, self.deadline);
-                Ok(())
-            }
-            Err(e) => {
-                k.inc.shared_unsure.fetch_add(add, Ordering::SeqCst);
-                self.fail(k, "shared fetch-add", &e, took);
-                Err(())
-            }
+        if r.is_err() {
+            k.inc.shared_unsure.fetch_add(add, Ordering::SeqCst);
         }
+        let verified = self.settle(k, "shared fetch-add", r, took, |k, old| {
+            k.inc.shared_ok.fetch_add(add, Ordering::SeqCst);
+            // Other workers add too, but never this much in one test.
+            if old.wrapping_sub(k.shared_floor) >= 1 << 40 {
+                return Some(format!(
+                    "old value {old:#x}, but the counter was at least {:#x} already",
+                    k.shared_floor
+                ));
+            }
+            k.shared_floor = old.wrapping_add(add);
+            None
+        })?;
+        if verified { Ok(()) } else { Err(()) }
     }
 
     /// Compare-and-swap on this worker's own word: a swap with the right expected value
@@ -1336,33 +1287,26 @@ impl Worker {
             .compare_and_swap(&k.inc.key, off, expected, new)
             .and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        match r {
-            Ok(old) => {
-                if old != k.cas_expect {
-                    self.sh.mismatch(
-                        self.backend,
-                        name,
-                        &k.inc,
-                        format!("old value {old:#x} at {off}, want {:#x}", k.cas_expect),
-                    );
-                    // Unknown from here on: use the next word.
-                    k.cas_word += 1;
-                    k.cas_expect = initial_word(k.inc.seed, (self.word_at(k.cas_word) / 8) as u64);
-                } else {
-                    self.sh.ok(self.backend, name, took, self.deadline);
-                    if !wrong {
-                        k.cas_expect = new;
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.fail(k, name, &e, took);
-                k.cas_word += 1;
-                k.cas_expect = initial_word(k.inc.seed, (self.word_at(k.cas_word) / 8) as u64);
-                Err(())
-            }
+        // After a failure or a wrong old value the word is unknown: use the next one.
+        let next_word = |k: &mut Known| {
+            k.cas_word += 1;
+            k.cas_expect = initial_word(k.inc.seed, (self.word_at(k.cas_word) / 8) as u64);
+        };
+        if r.is_err() {
+            next_word(k);
         }
+        self.settle(k, name, r, took, |k, old| {
+            if old != k.cas_expect {
+                let bad = format!("old value {old:#x} at {off}, want {:#x}", k.cas_expect);
+                next_word(k);
+                return Some(bad);
+            }
+            if !wrong {
+                k.cas_expect = new;
+            }
+            None
+        })?;
+        Ok(())
     }
 
     /// A message the node echoes back: the echo must be the same bytes.
@@ -1377,48 +1321,29 @@ impl Worker {
         let at = Instant::now();
         let r = conn.send(&msg).and_then(|op| finish(op, at).0);
         let took = at.elapsed();
-        if let Err(e) = r {
-            self.fail(k, "send", &e, took);
-            return Err(());
-        }
-        self.sh.ok(self.backend, "send", took, self.deadline);
+        self.settle(k, "send", r, took, |_, ()| None)?;
         self.set_doing("echo", Some(&k.inc));
         let at = Instant::now();
-        let r = conn.recv_timeout(self.deadline);
+        let r = conn.recv_timeout(self.deadline).and_then(|echo| {
+            echo.ok_or(Error::Timeout {
+                after: self.deadline,
+            })
+        });
         let took = at.elapsed();
-        match r {
-            Ok(Some(echo)) => {
-                if echo != msg {
-                    let n = echo.len().min(msg.len());
-                    self.sh.mismatch(
-                        self.backend,
-                        "echo",
-                        &k.inc,
-                        format!(
-                            "echo of message {} ({} bytes) came back as {} bytes: {}",
-                            k.msg_seq,
-                            msg.len(),
-                            echo.len(),
-                            describe_diff(0, &echo[..n], &msg[..n])
-                        ),
-                    );
-                    return Err(());
-                }
-                self.sh.ok(self.backend, "echo", took, self.deadline);
-                Ok(())
+        let verified = self.settle(k, "echo", r, took, |k, echo| {
+            if echo == msg {
+                return None;
             }
-            Ok(None) => {
-                let timeout = Error::Timeout {
-                    after: self.deadline,
-                };
-                self.fail(k, "echo", &timeout, took);
-                Err(())
-            }
-            Err(e) => {
-                self.fail(k, "echo", &e, took);
-                Err(())
-            }
-        }
+            let n = echo.len().min(msg.len());
+            Some(format!(
+                "echo of message {} ({} bytes) came back as {} bytes: {}",
+                k.msg_seq,
+                msg.len(),
+                echo.len(),
+                describe_diff(0, &echo[..n], &msg[..n])
+            ))
+        })?;
+        if verified { Ok(()) } else { Err(()) }
     }
 }
 

@@ -340,6 +340,11 @@ fn refusals(p: &Pair) {
     assert_eq!(local.to_vec(0, 4096).unwrap(), pattern(5, 4096));
 }
 
+/// Nothing to receive on `c`: a receive with a short timeout returns nothing.
+fn nothing_to_receive(c: &Connection) {
+    assert_eq!(c.recv_timeout(Duration::from_millis(30)).unwrap(), None);
+}
+
 /// Close with an operation in flight; everything after fails, on both sides.
 fn closing(p: Pair) {
     let eps = p.eps();
@@ -598,14 +603,8 @@ fn tcp_zero_copy_sends() {
         p.server.stats()
     );
     // Nothing to receive: both wait in the kernel (the eventfd read armed) and time out.
-    assert_eq!(
-        p.conn.recv_timeout(Duration::from_millis(30)).unwrap(),
-        None
-    );
-    assert_eq!(
-        p.peer.recv_timeout(Duration::from_millis(30)).unwrap(),
-        None
-    );
+    nothing_to_receive(&p.conn);
+    nothing_to_receive(&p.peer);
     refusals(&p);
     closing(p);
 }
@@ -677,10 +676,7 @@ fn udp_blocking_ring_with_busy_peer() {
     assert!(r.is_err(), "{r:?}");
     drop(stranger);
     // Nothing to receive: the server waits in `io_uring_enter` and times out.
-    assert_eq!(
-        p.peer.recv_timeout(Duration::from_millis(30)).unwrap(),
-        None
-    );
+    nothing_to_receive(&p.peer);
     refusals(&p);
     closing(p);
 }
