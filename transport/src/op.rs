@@ -278,9 +278,7 @@ impl<T: OpOutput> Op<T> {
             None => Err(Error::Closed("operation result already taken")),
         }
     }
-}
 
-impl<T: OpOutput> Op<T> {
     /// Wait at most `timeout` for the operation. `None` if it has not completed by then:
     /// the operation goes on (it still completes by its own deadline, and its buffers
     /// stay alive until it does), and the handle can be waited on again. After it

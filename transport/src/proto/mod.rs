@@ -391,6 +391,8 @@ pub(crate) struct Conn {
     mac_nonce: Option<[u8; mac::NONCE_LEN]>,
     /// Session keys, once both nonces are known.
     keys: Option<mac::Keys>,
+    /// Closed because the two ends could not agree on integrity or its keys.
+    auth_failed: bool,
     pub(crate) stats: ProtoStats,
 }
 
@@ -399,20 +401,15 @@ fn header_overhead() -> usize {
 }
 
 /// Why a connection that asked for per-datagram integrity was refused.
-pub(crate) const INTEGRITY_REFUSED: &str = "the peer refused per-datagram integrity: it has no \
+const INTEGRITY_REFUSED: &str = "the peer refused per-datagram integrity: it has no \
      cluster secret (configure the same secret on both ends)";
 /// Why a connection that did not ask for per-datagram integrity was refused.
-pub(crate) const INTEGRITY_REQUIRED: &str = "the peer requires per-datagram integrity: \
+const INTEGRITY_REQUIRED: &str = "the peer requires per-datagram integrity: \
      configure the same cluster secret here and turn datagram_integrity on";
 /// Why a connection whose INIT_ACK did not verify was abandoned.
-pub(crate) const INTEGRITY_MISMATCH: &str = "the peer's INIT_ACK does not verify under this \
+const INTEGRITY_MISMATCH: &str = "the peer's INIT_ACK does not verify under this \
      endpoint's cluster secret: the two ends have different secrets (or the datagram was \
      forged)";
-
-/// Whether a connection that closed for `why` failed authentication.
-pub(crate) fn is_auth_failure(why: &str) -> bool {
-    [INTEGRITY_REFUSED, INTEGRITY_REQUIRED, INTEGRITY_MISMATCH].contains(&why)
-}
 
 impl Conn {
     /// A client connection: sends INIT until INIT_ACK arrives.
@@ -481,6 +478,7 @@ impl Conn {
             reset_pending: None,
             mac_nonce: None,
             keys: None,
+            auth_failed: false,
             stats: ProtoStats::default(),
             cfg: Config { window, ..cfg },
         }
@@ -616,6 +614,20 @@ impl Conn {
         }
     }
 
+    /// Fail for want of agreement on integrity: the connection was never usable.
+    fn fail_auth(&mut self, reason: &str) {
+        if !self.is_closed() {
+            self.auth_failed = true;
+        }
+        self.fail(reason.to_string());
+    }
+
+    /// Whether the connection closed because integrity could not be agreed (a refusal
+    /// or keys that do not match): an authentication failure, not a network one.
+    pub(crate) fn failed_authentication(&self) -> bool {
+        self.auth_failed
+    }
+
     fn fail(&mut self, reason: String) {
         if !self.is_closed() {
             tracing::debug!(conn = self.local_id, "datagram connection failed: {reason}");
@@ -661,10 +673,12 @@ impl Conn {
                     Some(ResetReason::Unsupported)
                         if self.state == State::Connecting && self.has_integrity() =>
                     {
-                        INTEGRITY_REFUSED
+                        return self.fail_auth(INTEGRITY_REFUSED);
                     }
                     Some(ResetReason::Unsupported) => "the peer does not support our parameters",
-                    Some(ResetReason::IntegrityRequired) => INTEGRITY_REQUIRED,
+                    Some(ResetReason::IntegrityRequired) => {
+                        return self.fail_auth(INTEGRITY_REQUIRED);
+                    }
                     _ => "the peer does not know this connection (it restarted?)",
                 };
                 self.fail(why.to_string());
@@ -745,7 +759,7 @@ impl Conn {
                 (p.nonce, p.init, &self.cfg.secret, self.mac_nonce)
             else {
                 // An INIT_ACK without integrity: the target does not speak it.
-                self.fail(INTEGRITY_REFUSED.into());
+                self.fail_auth(INTEGRITY_REFUSED);
                 return None;
             };
             let b = mac::Binding {
@@ -759,7 +773,7 @@ impl Conn {
             if opened.is_none() {
                 self.stats.integrity_failures += 1;
                 self.stats.dropped += 1;
-                self.fail(INTEGRITY_MISMATCH.into());
+                self.fail_auth(INTEGRITY_MISMATCH);
                 return None;
             }
             self.keys = Some(keys);

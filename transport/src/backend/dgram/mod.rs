@@ -549,8 +549,14 @@ impl World {
     }
 
     fn reset(&mut self, to: SocketAddr, dst: u32, why: ResetReason) {
+        self.send_stray(to, packet::reset(dst, why));
+    }
+
+    /// Queue a datagram that belongs to no connection, at most 1024 per poll (so a
+    /// flood of strays cannot turn the endpoint into an amplifier).
+    fn send_stray(&mut self, to: SocketAddr, d: Vec<u8>) {
         if self.stray.len() < 1024 {
-            self.stray.push((to, packet::reset(dst, why)));
+            self.stray.push((to, d));
         }
     }
 
@@ -586,8 +592,8 @@ impl World {
         };
         let Some(c) = self.conns.get_mut(&u64::from(dst)) else {
             self.count(C::drops, 1);
-            if p.kind != Kind::Reset && self.stray.len() < 1024 {
-                self.stray.push((from, packet::reset_unknown(p.dst)));
+            if p.kind != Kind::Reset {
+                self.send_stray(from, packet::reset_unknown(p.dst));
             }
             return;
         };
@@ -693,9 +699,8 @@ impl World {
         let first = self.rand.pop().unwrap_or(0);
         let mut proto = PConn::server(self.pcfg.clone(), id, first, &init, now);
         if let Some(theirs) = p.nonce {
-            let granted = crate::sys::random_bytes().is_ok_and(|ours| {
-                self.pcfg.secret.is_some() && proto.grant_integrity(theirs, ours)
-            });
+            let granted =
+                crate::sys::random_bytes().is_ok_and(|ours| proto.grant_integrity(theirs, ours));
             if !granted {
                 tracing::debug!(%from, "refusing a {} connection that asks for per-datagram integrity: no cluster secret here", self.kind);
                 self.count(C::auth_failures, 1);
@@ -737,7 +742,7 @@ impl World {
                     _ => String::new(),
                 };
                 if let Some(slot) = c.connect.take() {
-                    if proto::is_auth_failure(&why) {
+                    if c.proto.failed_authentication() {
                         self.core.counters.add(C::auth_failures, 1);
                         slot.fill(Err(Error::AuthFailed(format!("{}: {why}", c.peer))));
                     } else {
