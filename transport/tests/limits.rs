@@ -99,7 +99,7 @@ fn unread_messages_hold_the_sender_back_without_losing_any() {
         // Now it reads: every message arrives exactly once, intact. tcp also keeps their
         // order; on udp a message held back while the receiver was paused can complete
         // after a later one (see "Messages" in docs/datagram.md).
-        let mut seen = vec![false; N];
+        let mut seen = [false; N];
         for i in 0..N {
             let m = accepted
                 .recv_timeout(Duration::from_secs(10))
