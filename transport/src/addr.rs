@@ -51,8 +51,13 @@ impl BackendKind {
                  (needs clang and libelf-dev; `cargo xtask deps` installs them), or use udp://"
                     .into(),
             ),
+            #[cfg(feature = "rdma")]
+            BackendKind::Rdma => crate::backend::rdma::unavailable_reason(),
+            #[cfg(not(feature = "rdma"))]
             BackendKind::Rdma => Some(
-                "the rdma backend (verbs) is not part of this release yet; use udp:// or tcp://"
+                "this build has no rdma backend: build pfs-transport with `--features rdma` \
+                 (needs libibverbs-dev, librdmacm-dev and libclang-dev; `cargo xtask deps` \
+                 installs them), or use udp:// or tcp://"
                     .into(),
             ),
         }

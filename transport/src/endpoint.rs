@@ -304,6 +304,13 @@ impl EndpointInner {
         )
     }
 
+    #[cfg(feature = "rdma")]
+    fn add_rdma(&self, listen: Option<std::net::SocketAddr>) -> Result<Arc<dyn Engine>> {
+        let eng = crate::backend::rdma::RdmaEngine::new(self.core.clone(), listen)?;
+        self.add_engine(eng.clone(), Box::new(|_| Ok(())))?;
+        Ok(eng)
+    }
+
     /// The engine for `kind`, started on first use.
     fn engine_for(&self, kind: BackendKind, peer: &Address) -> Result<Arc<dyn Engine>> {
         if let Some(e) = self.engine(kind) {
@@ -334,6 +341,8 @@ impl EndpointInner {
                     "xdp addresses name the local interface: xdp://IFACE/HOST:PORT".into(),
                 )),
             },
+            #[cfg(feature = "rdma")]
+            BackendKind::Rdma => self.add_rdma(None),
             other => Err(Error::Unsupported {
                 reason: format!("no {other} engine in this endpoint"),
             }),
@@ -422,6 +431,7 @@ impl Endpoint {
         let mut tcp_listen = Vec::new();
         let mut udp_listen = Vec::new();
         let mut xdp_listen = Vec::new();
+        let mut rdma_listen = Vec::new();
         for a in &config.listen {
             let sel = crate::addr::select(a);
             match (sel.chosen, a) {
@@ -430,6 +440,7 @@ impl Endpoint {
                 (Some(BackendKind::Xdp), Address::Xdp { iface, addr }) => {
                     xdp_listen.push((iface.clone(), *addr))
                 }
+                (Some(BackendKind::Rdma), _) => rdma_listen.push(a.socket_addr()),
                 _ => {
                     return Err(Error::Unsupported {
                         reason: format!("cannot listen on {a}: {sel}"),
@@ -440,6 +451,11 @@ impl Endpoint {
         if xdp_listen.len() > 1 {
             return Err(Error::InvalidArgument(
                 "one xdp:// listen address per endpoint (its sockets own the interface)".into(),
+            ));
+        }
+        if rdma_listen.len() > 1 {
+            return Err(Error::InvalidArgument(
+                "one rdma:// listen address per endpoint (bind several endpoints for more)".into(),
             ));
         }
         if udp_listen.len() > 1 {
@@ -460,6 +476,12 @@ impl Endpoint {
         }
         #[cfg(not(feature = "xdp"))]
         let _ = xdp_listen;
+        #[cfg(feature = "rdma")]
+        if let Some(a) = rdma_listen.first() {
+            ep.inner.add_rdma(Some(*a))?;
+        }
+        #[cfg(not(feature = "rdma"))]
+        let _ = rdma_listen;
         tracing::debug!(endpoint = %format_args!("{:016x}", ep.id()), "endpoint up");
         Ok(ep)
     }

@@ -130,6 +130,10 @@ impl Region {
         match g.iter_mut().find(|g| token_eq(&g.token, &key.token)) {
             Some(grant) => {
                 grant.revoked = true;
+                drop(g);
+                if let Some(t) = self.inner.table.upgrade() {
+                    t.grants_ended(self.inner.id, Some(key.token), true);
+                }
                 Ok(())
             }
             None => Err(Error::InvalidArgument(
@@ -148,6 +152,9 @@ impl Region {
             .iter_mut()
         {
             g.revoked = true;
+        }
+        if let Some(t) = self.inner.table.upgrade() {
+            t.grants_ended(self.inner.id, None, true);
         }
     }
 
@@ -251,12 +258,31 @@ pub(crate) fn faa(a: &AtomicU64, add: u64) -> u64 {
     }
 }
 
+/// Told when grants end, by backends that hand grants to peers' hardware (rdma: an
+/// rkey per grant), so that they can withdraw them there too.
+pub(crate) trait GrantWatcher: Send + Sync + std::fmt::Debug {
+    /// The grant with `token` of `region` was revoked (`None`: every grant of the region,
+    /// after `revoke_all` or when the region is dropped). With `wait`, return only once
+    /// no peer can start an access with it any more.
+    fn grants_ended(&self, region: u64, token: Option<[u8; TOKEN_LEN]>, wait: bool);
+}
+
 /// The regions an endpoint exports, looked up by id for every remote access.
 #[derive(Debug)]
 pub(crate) struct RegionTable {
     owner: u64,
     next: AtomicU64,
     map: RwLock<crate::idmap::IdMap<Weak<RegionInner>>>,
+    watchers: RwLock<Vec<Weak<dyn GrantWatcher>>>,
+}
+
+/// A live grant, as a backend registering it for a peer's hardware needs it.
+#[derive(Debug)]
+pub(crate) struct GrantView {
+    pub(crate) mem: Arc<Mem>,
+    pub(crate) rights: Rights,
+    /// Milliseconds since the epoch; 0: never.
+    pub(crate) expires_ms: u64,
 }
 
 /// A refused access: the wire code and a human explanation for the initiator.
@@ -272,7 +298,26 @@ impl RegionTable {
             owner,
             next: AtomicU64::new(1),
             map: RwLock::new(crate::idmap::IdMap::default()),
+            watchers: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Tell `w` about every grant that ends from now on.
+    pub(crate) fn watch(&self, w: Weak<dyn GrantWatcher>) {
+        if let Ok(mut v) = self.watchers.write() {
+            v.retain(|x| x.strong_count() > 0);
+            v.push(w);
+        }
+    }
+
+    fn grants_ended(&self, region: u64, token: Option<[u8; TOKEN_LEN]>, wait: bool) {
+        let ws: Vec<_> = match self.watchers.read() {
+            Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for w in ws {
+            w.grants_ended(region, token, wait);
+        }
     }
 
     pub(crate) fn insert(self: &Arc<Self>, mem: Mem, rights: Rights) -> Region {
@@ -296,6 +341,7 @@ impl RegionTable {
         if let Ok(mut m) = self.map.write() {
             m.remove(&id);
         }
+        self.grants_ended(id, None, false);
     }
 
     /// Number of regions exported.
@@ -315,6 +361,44 @@ impl RegionTable {
         len: u64,
         atomic: bool,
     ) -> std::result::Result<Slice, Refusal> {
+        let (inner, _) = self.check_grant(t, need)?;
+        let region_len = inner.mem.len() as u64;
+        let slice = Slice::new(inner.mem.clone(), t.offset, len).ok_or_else(|| Refusal {
+            code: ErrorCode::OutOfBounds,
+            why: format!(
+                "offset {} + length {len} does not fit the region's {region_len} bytes",
+                t.offset
+            ),
+        })?;
+        if atomic && !(slice.as_ptr() as usize).is_multiple_of(8) {
+            return Err(Refusal {
+                code: ErrorCode::Misaligned,
+                why: format!("offset {} is not 8-byte aligned", t.offset),
+            });
+        }
+        Ok(slice)
+    }
+
+    /// The grant behind `t`'s token, checked for `need` (rights, revocation, expiry),
+    /// without an access range: for backends that register the whole region for a peer.
+    pub(crate) fn grant(
+        &self,
+        t: &Target,
+        need: Rights,
+    ) -> std::result::Result<GrantView, Refusal> {
+        let (inner, (rights, expires_ms)) = self.check_grant(t, need)?;
+        Ok(GrantView {
+            mem: inner.mem.clone(),
+            rights,
+            expires_ms,
+        })
+    }
+
+    fn check_grant(
+        &self,
+        t: &Target,
+        need: Rights,
+    ) -> std::result::Result<(Arc<RegionInner>, (Rights, u64)), Refusal> {
         let inner = self
             .map
             .read()
@@ -354,22 +438,10 @@ impl RegionTable {
                     why: format!("the key grants {}, this access needs {}", g.rights, need),
                 });
             }
+            let found = (g.rights, g.expires_ms);
+            drop(grants);
+            Ok((inner, found))
         }
-        let region_len = inner.mem.len() as u64;
-        let slice = Slice::new(inner.mem.clone(), t.offset, len).ok_or_else(|| Refusal {
-            code: ErrorCode::OutOfBounds,
-            why: format!(
-                "offset {} + length {len} does not fit the region's {region_len} bytes",
-                t.offset
-            ),
-        })?;
-        if atomic && !(slice.as_ptr() as usize).is_multiple_of(8) {
-            return Err(Refusal {
-                code: ErrorCode::Misaligned,
-                why: format!("offset {} is not 8-byte aligned", t.offset),
-            });
-        }
-        Ok(slice)
     }
 }
 

@@ -2,6 +2,8 @@
 //! [`Endpoint`](crate::Endpoint) and [`Connection`](crate::Connection).
 
 pub(crate) mod dgram;
+#[cfg(feature = "rdma")]
+pub(crate) mod rdma;
 pub(crate) mod tcp;
 
 use std::sync::Arc;

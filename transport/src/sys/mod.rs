@@ -5,6 +5,8 @@ pub(crate) mod ifc;
 pub(crate) mod mem;
 pub(crate) mod net;
 pub(crate) mod uring;
+#[cfg(feature = "rdma")]
+pub(crate) mod verbs;
 #[cfg(feature = "xdp")]
 pub(crate) mod xsk;
 
@@ -32,7 +34,7 @@ impl EventFd {
     }
 
     /// Reset the counter after a wake-up (poll-based waiting).
-    #[cfg(feature = "xdp")]
+    #[cfg(any(feature = "xdp", feature = "rdma"))]
     pub(crate) fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64 from our own non-blocking
@@ -197,7 +199,7 @@ pub(crate) fn poll_now(fds: &mut [libc::pollfd]) -> io::Result<usize> {
 }
 
 /// Wait up to `timeout` for one of `fds` to be ready (`poll(2)`).
-#[cfg(feature = "xdp")]
+#[cfg(any(feature = "xdp", feature = "rdma"))]
 pub(crate) fn poll_wait(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd entries.
