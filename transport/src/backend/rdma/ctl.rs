@@ -16,6 +16,7 @@ pub(crate) const REVOKE: u8 = 5;
 pub(crate) const REVOKE_ACK: u8 = 6;
 pub(crate) const NOTIFY: u8 = 7;
 pub(crate) const AUTH: u8 = 8;
+pub(crate) const MSG_ACK: u8 = 9;
 
 /// Magic and version at the start of connect and accept private data.
 pub(crate) const MAGIC: [u8; 4] = *b"PFSR";
@@ -146,24 +147,41 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// A request for the registration behind a key: `region`, `token`.
-pub(crate) fn key_req(req: u32, region: u64, token: &[u8; TOKEN_LEN]) -> Vec<u8> {
+/// A request for the registration behind a key: `region`, `token`, and the rights the
+/// access at hand needs (the target refuses a grant without them).
+pub(crate) fn key_req(req: u32, region: u64, token: &[u8; TOKEN_LEN], need: u8) -> Vec<u8> {
     let mut b = vec![KEY_REQ];
     b.extend_from_slice(&req.to_le_bytes());
     b.extend_from_slice(&region.to_le_bytes());
     b.extend_from_slice(token);
+    b.push(need);
     b
 }
 
-pub(crate) fn parse_key_req(b: &[u8]) -> Option<(u32, u64, [u8; TOKEN_LEN])> {
-    if b.len() != 1 + 4 + 8 + TOKEN_LEN {
+pub(crate) fn parse_key_req(b: &[u8]) -> Option<(u32, u64, [u8; TOKEN_LEN], u8)> {
+    if b.len() != 1 + 4 + 8 + TOKEN_LEN + 1 {
         return None;
     }
     Some((
         u32_at(b, 1)?,
         u64_at(b, 5)?,
         b[13..13 + TOKEN_LEN].try_into().ok()?,
+        b[13 + TOKEN_LEN],
     ))
+}
+
+/// `n` more messages were queued for the receiving application, oldest first.
+pub(crate) fn msg_ack(n: u32) -> Vec<u8> {
+    let mut b = vec![MSG_ACK];
+    b.extend_from_slice(&n.to_le_bytes());
+    b
+}
+
+pub(crate) fn parse_msg_ack(b: &[u8]) -> Option<u32> {
+    if b.len() != 5 {
+        return None;
+    }
+    u32_at(b, 1)
 }
 
 /// What a target grants for a key: where the region is, under which rkey, with which
@@ -303,9 +321,10 @@ mod tests {
         assert_eq!(parse_key_ans(&key_ans(12, &r)).unwrap(), (12, r));
         assert!(parse_key_ans(&[KEY_ANS, 1, 2]).is_none());
         assert_eq!(
-            parse_key_req(&key_req(1, 2, &[9; TOKEN_LEN])),
-            Some((1, 2, [9; TOKEN_LEN]))
+            parse_key_req(&key_req(1, 2, &[9; TOKEN_LEN], 3)),
+            Some((1, 2, [9; TOKEN_LEN], 3))
         );
+        assert_eq!(parse_msg_ack(&msg_ack(5)), Some(5));
         assert!(parse_key_req(&[KEY_REQ; 5]).is_none());
         assert_eq!(parse_notify(&notify(1, 2, 3, 4)), Some((1, 2, 3, 4)));
         assert_eq!(parse_revoke(&revoke(REVOKE, 77)), Some(77));

@@ -14,9 +14,11 @@
 //!   refusal would move the queue pair to the error state and end the connection.
 //! - **Revocation.** `Region::revoke` tells every connection holding the grant
 //!   (`REVOKE`), waits for their `REVOKE_ACK` (RC order: every access they issued before
-//!   it has executed), closes connections that do not answer within the op deadline,
-//!   and deregisters the grant's registration: from then on no peer's NIC can reach the
-//!   region through it. Expiry and dropping a region do the same without waiting.
+//!   it has executed) for at most a second, and deregisters the grant's registration:
+//!   from then on no peer's NIC can reach the region through it. A peer that had not
+//!   acknowledged finds the REVOKE in its receive queue before it posts anything new;
+//!   an access it had already posted is refused by the NIC and ends its connection.
+//!   Expiry and dropping a region do the same without waiting.
 //! - **Authentication** rides on rdma_cm: the initiator's nonce in the connect request's
 //!   private data, the target's nonce and proof in the accept's, the initiator's proof
 //!   as the first SEND. The target answers no key request before that proof.
@@ -65,6 +67,9 @@ const SQ_DEPTH: u32 = 256;
 const INLINE_WANT: u32 = 128;
 /// Largest RDMA WRITE or READ per work request; longer operations are chained.
 const CHUNK: u64 = 1 << 20;
+/// How long a revocation waits for peers to acknowledge before it withdraws the
+/// registration regardless.
+const REVOKE_GRACE: Duration = Duration::from_secs(1);
 /// rdma_cm address and route resolution limit.
 const RESOLVE_MS: i32 = 2000;
 /// Local ACK timeout exponent: 4.096 µs × 2^14 ≈ 67 ms, × 7 retries ≈ 0.5 s to notice
@@ -191,6 +196,8 @@ struct Inflight {
     /// Bytes to count on success, and as what.
     bytes: u64,
     what: Option<C>,
+    /// A message: complete only once the peer has queued it for its application.
+    needs_ack: bool,
     /// Failed at its deadline already; kept until its work requests complete, because
     /// the NIC may still write into `_local`.
     timed_out: bool,
@@ -232,6 +239,10 @@ struct RConn {
     asking: HashMap<u32, (u64, [u8; TOKEN_LEN])>,
     next_req: u32,
     partial: Vec<u8>,
+    /// Messages sent, oldest first, whose `MSG_ACK` has not come yet.
+    unacked: VecDeque<u32>,
+    /// Messages queued for the application not acknowledged to the peer yet.
+    acks_owed: u32,
     held: VecDeque<(usize, usize)>,
     stalled: bool,
 }
@@ -269,6 +280,8 @@ impl RConn {
             asking: HashMap::new(),
             next_req: 1,
             partial: Vec::new(),
+            unacked: VecDeque::new(),
+            acks_owed: 0,
             held: VecDeque::new(),
             stalled: false,
         }
@@ -1104,7 +1117,8 @@ impl RdmaEngine {
                     let req = c.next_req;
                     c.next_req = c.next_req.wrapping_add(1);
                     c.asking.insert(req, kk);
-                    c.ctl_out.push_back(ctl::key_req(req, t.region, &t.token));
+                    c.ctl_out
+                        .push_back(ctl::key_req(req, t.region, &t.token, need.bits()));
                     self.flush_ctl(st, k);
                 }
                 return Ok(0);
@@ -1185,6 +1199,7 @@ impl RdmaEngine {
                 atomic: None,
                 bytes: 0,
                 what: None,
+                needs_ack: false,
                 timed_out: false,
                 _local: local,
             },
@@ -1217,6 +1232,8 @@ impl RdmaEngine {
                     let f = c.ops.get_mut(&op).expect("new");
                     f.bytes = total as u64;
                     f.what = Some(C::message_bytes_sent);
+                    f.needs_ack = true;
+                    c.unacked.push_back(op);
                     c.head = Head {
                         op: Some(op),
                         posted: 0,
@@ -1399,7 +1416,6 @@ impl RdmaEngine {
         if wrs.is_empty() && notify_slot.is_none() {
             return Ok(0);
         }
-        let n_data = wrs.len();
         if let Some((slot, m)) = &notify_slot {
             let addr = RConn::buf_addr(&c.send_mr, *slot, BUF);
             let mr = c.send_mr.as_ref().expect("send buffers");
@@ -1407,7 +1423,12 @@ impl RdmaEngine {
             wrs.push(verbs::SendWr {
                 wr_id: wr_id(K_OP, Some(*slot), op),
                 opcode: verbs::OP_SEND,
-                flags: verbs::SIGNALED | verbs::INLINE * u32::from(m.len() as u32 <= c.caps.inline),
+                flags: verbs::SIGNALED
+                    | if m.len() as u32 <= c.caps.inline {
+                        verbs::INLINE
+                    } else {
+                        0
+                    },
                 sge: verbs::sge(addr, m.len() as u32, mr.lkey()),
                 remote: verbs::Remote::None,
             });
@@ -1426,7 +1447,6 @@ impl RdmaEngine {
             c.queue.pop_front();
             c.head = Head::default();
         }
-        let _ = n_data;
         Ok(wrs.len())
     }
 
@@ -1514,32 +1534,43 @@ impl RdmaEngine {
             if f.error.is_none() {
                 f.error = err.as_ref().map(clone_err);
             }
-            if f.wrs == 0 && !(c.head.op == Some(op)) {
-                let f = c.ops.remove(&op).expect("op");
-                let r = match f.error {
-                    Some(e) => Err(e),
-                    None => {
-                        if let Some(what) = f.what {
-                            f.conn.count(what, f.bytes);
-                        }
-                        match f.atomic {
-                            Some(s) => Ok(read_atomic_slot(c, s)),
-                            None => Ok(0),
-                        }
-                    }
-                };
-                if let Some(s) = f.atomic {
-                    c.atomic_free.push(s);
-                }
-                if !f.timed_out {
-                    f.conn.finish(&f.done, r);
-                }
-            }
+            Self::try_finish(c, op);
         }
         if failed && wc.status != verbs::WC_FLUSH {
             // The QP is in the error state now: the connection is over.
             let why = err.map(|e| e.to_string()).unwrap_or_default();
             self.close_conn(st, k, &why, true);
+        }
+    }
+
+    /// Complete operation `op` if nothing of it is outstanding: all of it posted, every
+    /// work request completed, and (messages) the peer's acknowledgement in.
+    fn try_finish(c: &mut RConn, op: u32) {
+        let ready = c
+            .ops
+            .get(&op)
+            .is_some_and(|f| f.wrs == 0 && !f.needs_ack && c.head.op != Some(op));
+        if !ready {
+            return;
+        }
+        let f = c.ops.remove(&op).expect("op");
+        let r = match f.error {
+            Some(e) => Err(e),
+            None => {
+                if let Some(what) = f.what {
+                    f.conn.count(what, f.bytes);
+                }
+                match f.atomic {
+                    Some(s) => Ok(read_atomic_slot(c, s)),
+                    None => Ok(0),
+                }
+            }
+        };
+        if let Some(s) = f.atomic {
+            c.atomic_free.push(s);
+        }
+        if !f.timed_out {
+            f.conn.finish(&f.done, r);
         }
     }
 
@@ -1560,8 +1591,20 @@ impl RdmaEngine {
         self.drain_held(st, k);
     }
 
-    /// Handle received buffers in order while the application has room; repost each.
+    /// Handle received buffers in order while the application has room; repost each;
+    /// then acknowledge the messages queued.
     fn drain_held(&self, st: &mut State, k: u64) {
+        self.drain_held_inner(st, k);
+        if let Some(c) = st.conns.get_mut(&k)
+            && c.acks_owed > 0
+        {
+            let n = std::mem::take(&mut c.acks_owed);
+            c.ctl_out.push_back(ctl::msg_ack(n));
+            self.flush_ctl(st, k);
+        }
+    }
+
+    fn drain_held_inner(&self, st: &mut State, k: u64) {
         loop {
             let Some(c) = st.conns.get_mut(&k) else {
                 return;
@@ -1649,6 +1692,7 @@ impl RdmaEngine {
                     shared.count(C::message_bytes_received, msg.len() as u64);
                     let n = msg.len();
                     shared.inbox.push_admitted(msg, n);
+                    c.acks_owed += 1;
                 }
             }
             ctl::NOTIFY => {
@@ -1663,8 +1707,10 @@ impl RdmaEngine {
                 });
             }
             ctl::KEY_REQ => {
-                let (req, region, token) = ctl::parse_key_req(m).ok_or("malformed key request")?;
-                let ans = self.grant_for(st, k, region, token);
+                let (req, region, token, need) =
+                    ctl::parse_key_req(m).ok_or("malformed key request")?;
+                let need = Rights::from_bits(need).ok_or("unknown rights in a key request")?;
+                let ans = self.grant_for(st, k, region, token, need);
                 let c = st.conns.get_mut(&k).expect("conn");
                 c.ctl_out.push_back(ctl::key_ans(req, &ans));
                 self.flush_ctl(st, k);
@@ -1715,6 +1761,19 @@ impl RdmaEngine {
                     }
                 }
             }
+            ctl::MSG_ACK => {
+                let n = ctl::parse_msg_ack(m).ok_or("malformed message acknowledgement")?;
+                for _ in 0..n {
+                    let op = c
+                        .unacked
+                        .pop_front()
+                        .ok_or("acknowledgement of a message never sent")?;
+                    if let Some(f) = c.ops.get_mut(&op) {
+                        f.needs_ack = false;
+                    }
+                    Self::try_finish(c, op);
+                }
+            }
             ctl::REVOKE => {
                 let gid = ctl::parse_revoke(m).ok_or("malformed revocation")?;
                 c.known.retain(|_, kn| kn.info.grant != gid);
@@ -1737,7 +1796,14 @@ impl RdmaEngine {
 
     /// Target: check a key and hand out (or reuse) its grant's registration on this
     /// connection's device.
-    fn grant_for(&self, st: &mut State, k: u64, region: u64, token: [u8; TOKEN_LEN]) -> KeyAnswer {
+    fn grant_for(
+        &self,
+        st: &mut State,
+        k: u64,
+        region: u64,
+        token: [u8; TOKEN_LEN],
+        need: Rights,
+    ) -> KeyAnswer {
         let t = Target {
             region,
             offset: 0,
@@ -1747,7 +1813,7 @@ impl RdmaEngine {
             self.core.counters.add(C::remote_ops_refused, 1);
             KeyAnswer::Refused(code, why)
         };
-        let view = match self.core.regions.grant(&t, Rights::NONE) {
+        let view = match self.core.regions.grant(&t, need) {
             Ok(v) => v,
             Err(r) => return refuse(r.code, r.why),
         };
@@ -1813,7 +1879,7 @@ impl RdmaEngine {
     }
 
     fn start_revoke(&self, st: &mut State, gid: u64, wait: Option<Arc<RevokeWait>>) {
-        let deadline = Instant::now() + self.core.config.op_timeout;
+        let deadline = Instant::now() + self.core.config.op_timeout.min(REVOKE_GRACE);
         let Some(g) = st.grants.get_mut(&gid) else {
             return;
         };
@@ -1896,20 +1962,17 @@ impl RdmaEngine {
         for gid in expired {
             self.start_revoke(st, gid, None);
         }
-        let stuck: Vec<u64> = st
-            .grants
-            .values()
-            .filter(|g| g.revoking.as_ref().is_some_and(|r| r.0 <= now))
-            .flat_map(|g| g.holders.iter().copied())
-            .collect();
-        for k in stuck {
-            self.close_conn(
-                st,
-                k,
-                "the peer did not acknowledge a revocation in time",
-                true,
-            );
+        // Peers that did not acknowledge in time (a caller-driven peer that is not
+        // driving its engine, a busy or dead one): withdraw the registration anyway.
+        // They learn of the revocation from the REVOKE in their receive queue before
+        // they post anything new; an access already posted with the old rkey is
+        // refused by this side's NIC and ends that peer's connection.
+        for g in st.grants.values_mut() {
+            if g.revoking.as_ref().is_some_and(|r| r.0 <= now) {
+                g.holders.clear();
+            }
         }
+        self.finish_revocations(st);
         // Release cached registrations of memory nothing else holds.
         st.local.retain(|_, mr| !mr.only_holder());
     }
