@@ -5,6 +5,8 @@ mod baseline;
 mod info;
 mod memcpy;
 mod plot;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod report;
 mod scenario;
 mod signals;
@@ -63,6 +65,12 @@ enum Cmd {
     /// every backend available; time, bytes moved, the ratio, and the empty task's round
     /// trip next to the small-message round trip.
     Task(task::TaskArgs),
+    /// The rdma backend against perftest on the same soft-RoCE devices, in one VM run
+    /// (`tools/rdma-vm.sh run -- target/release/pfs-bench rdma`): 64 KiB write
+    /// bandwidth against ib_write_bw, 2-byte read latency against ib_read_lat, ratios,
+    /// and the registration cost per GiB.
+    #[cfg(feature = "rdma")]
+    Rdma(rdma::RdmaArgs),
     /// Draw a JSON result document (from sweep, run, compare or client --json) as an
     /// SVG or PNG: bandwidth and latency over message size, latency CDFs, bandwidth over
     /// connections, with memcpy, iperf3 and line-rate reference lines.
@@ -278,6 +286,8 @@ fn main() -> ExitCode {
         Some(Cmd::Compare(a)) => baseline::compare(&a),
         Some(Cmd::Sweep(a)) => sweep::sweep(&a),
         Some(Cmd::Task(a)) => task::task(&a),
+        #[cfg(feature = "rdma")]
+        Some(Cmd::Rdma(a)) => rdma::rdma(&a),
         Some(Cmd::Plot(a)) => plot::plot(&a.input, &a.output),
         Some(Cmd::Info(a)) => info::info(a.probe.as_deref(), a.json.as_deref()),
         #[cfg(feature = "xdp")]

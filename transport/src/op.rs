@@ -108,7 +108,9 @@ impl Driver {
         deadline: Option<Instant>,
         mut ready: impl FnMut() -> Option<T>,
     ) -> Result<Option<T>> {
-        let start = Instant::now();
+        // Read lazily: a spinning caller may never need it, and where the clocksource
+        // has no vDSO path (a VM's HPET) every read is a system call.
+        let mut start = None;
         let mut spins = 0u32;
         loop {
             if let Some(v) = ready() {
@@ -144,7 +146,8 @@ impl Driver {
                         std::thread::sleep(slice.min(Duration::from_micros(50)));
                     }
                 }
-            } else if self.busy && now.duration_since(start) < SPIN_BEFORE_PARK {
+            } else if self.busy && now.duration_since(*start.get_or_insert(now)) < SPIN_BEFORE_PARK
+            {
                 if spins.is_multiple_of(1024) {
                     std::thread::yield_now();
                 } else {

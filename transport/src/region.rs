@@ -278,6 +278,7 @@ pub(crate) struct RegionTable {
 
 /// A live grant, as a backend registering it for a peer's hardware needs it.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 pub(crate) struct GrantView {
     pub(crate) mem: Arc<Mem>,
     pub(crate) rights: Rights,
@@ -303,6 +304,7 @@ impl RegionTable {
     }
 
     /// Tell `w` about every grant that ends from now on.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn watch(&self, w: Weak<dyn GrantWatcher>) {
         if let Ok(mut v) = self.watchers.write() {
             v.retain(|x| x.strong_count() > 0);
@@ -381,6 +383,7 @@ impl RegionTable {
 
     /// The grant behind `t`'s token, checked for `need` (rights, revocation, expiry),
     /// without an access range: for backends that register the whole region for a peer.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub(crate) fn grant(
         &self,
         t: &Target,

@@ -1,0 +1,257 @@
+//! `pfs-bench rdma`: the rdma backend against perftest on the same soft-RoCE devices,
+//! in one VM run (`tools/rdma-vm.sh run -- pfs-bench rdma`). Rounds interleave
+//! perftest (`ib_write_bw -s 65536`, `ib_read_lat -s 2`, through
+//! `tools/rdma-vm.sh perftest-in-guest 1`) with PacketFS's 64 KiB write bandwidth and
+//! 2-byte read latency between the same two devices (client on the first, server on the
+//! second, so every byte crosses the link), then prints medians, ratios and the issue's
+//! targets. Also the cost of a memory registration, per GiB.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use pfs_transport::{Endpoint, EndpointConfig, Progress, Rights, WaitMode};
+
+use crate::scenario::{Client, Params, Test};
+
+use crate::units;
+
+type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Args, Debug, Clone)]
+pub struct RdmaArgs {
+    /// Rounds (perftest, then PacketFS, each round); medians are quoted.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Length of each PacketFS bandwidth run (ib_write_bw runs 5 s).
+    #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
+    duration: Duration,
+    /// Skip perftest (PacketFS numbers only).
+    #[arg(long)]
+    no_perftest: bool,
+    /// Write the results as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Results {
+    devices: String,
+    perftest_write_mib_s: Vec<f64>,
+    perftest_read_lat_us: Vec<f64>,
+    pfs_write_mib_s: Vec<f64>,
+    pfs_read_lat_p50_us: Vec<f64>,
+    registration_ms_per_gib: Vec<f64>,
+    write_ratio: Option<f64>,
+    read_lat_ratio: Option<f64>,
+    target_write_met: Option<bool>,
+    target_read_met: Option<bool>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The CPU's time-stamp counter. Under TCG the guest's clocksource is the emulated HPET,
+/// so every `Instant::now()` is a system call and an emulated device read (tens of
+/// microseconds); perftest times with the counter, and so does this loop.
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC reads a register; it has no memory effects or preconditions.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        use std::sync::OnceLock;
+        static T0: OnceLock<Instant> = OnceLock::new();
+        T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+/// 2-byte RDMA READ round trips, one at a time, timed with the time-stamp counter
+/// (calibrated against the clock over the whole run): (median, p99) in µs.
+fn read_latency(
+    conn: &pfs_transport::Connection,
+    local: &pfs_transport::Region,
+    key: &pfs_transport::RegionKey,
+    n: usize,
+) -> AnyResult<(f64, f64)> {
+    for _ in 0..n / 10 {
+        conn.read(local, 0, key, 0, 2)?.wait()?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    let (c0, w0) = (ticks(), Instant::now());
+    for _ in 0..n {
+        let t = ticks();
+        conn.read(local, 0, key, 0, 2)?.wait()?;
+        samples.push(ticks() - t);
+    }
+    let (c1, w1) = (ticks(), Instant::now());
+    let us_per_tick = (w1 - w0).as_secs_f64() * 1e6 / (c1 - c0).max(1) as f64;
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] as f64 * us_per_tick;
+    Ok((at(0.5), at(0.99)))
+}
+
+/// One perftest round: (ib_write_bw MiB/s, ib_read_lat typical µs).
+fn perftest_round() -> AnyResult<(f64, f64)> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rdma-vm.sh");
+    let out = Command::new(&script)
+        .args(["perftest-in-guest", "1"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "perftest failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("perftest write_bw_MiBps="))
+        .ok_or("no result line from perftest-in-guest")?;
+    let field = |name: &str| -> AnyResult<f64> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .ok_or_else(|| format!("no {name} in {line:?}"))?;
+        Ok(v.parse::<f64>()?)
+    };
+    Ok((field("write_bw_MiBps=")?, field("read_lat_typical_us=")?))
+}
+
+/// The devices' addresses inside the VM (`PFS_RXE_ADDRS`, client then server).
+fn addrs() -> AnyResult<(String, String)> {
+    let a = std::env::var("PFS_RXE_ADDRS").map_err(|_| {
+        "pfs-bench rdma runs between the two soft-RoCE devices of the VM: \
+         tools/rdma-vm.sh run -- target/release/pfs-bench rdma (PFS_RXE_ADDRS is not set)"
+    })?;
+    let v: Vec<&str> = a.split_whitespace().collect();
+    match v.as_slice() {
+        [c, s, ..] => Ok((c.to_string(), s.to_string())),
+        _ => Err(format!("PFS_RXE_ADDRS={a:?}: expected two addresses").into()),
+    }
+}
+
+pub fn rdma(a: &RdmaArgs) -> AnyResult {
+    if a.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    let (_client_ip, server_ip) = addrs()?;
+    // The server only hands out registrations (its NIC serves the accesses), so it
+    // sleeps; the client busy-polls on the calling thread, as perftest does.
+    let server = Endpoint::bind(EndpointConfig::new().listen(&format!("rdma://{server_ip}:0"))?)?;
+    let client = Endpoint::bind(
+        EndpointConfig::new()
+            .progress(Progress::Caller)
+            .wait_mode(WaitMode::BusyPoll),
+    )?;
+    let conn = client.connect_addr(&server.local_addrs()[0])?;
+    let _peer = server.accept_timeout(Duration::from_secs(10))?;
+    let target = server.alloc_region(64 << 20, Rights::ALL)?;
+    let key = target.key(Rights::ALL)?;
+    let mut r = Results {
+        devices: server.describe().join("; "),
+        ..Results::default()
+    };
+    let c = Client {
+        ep: &client,
+        conn: &conn,
+        key: &key,
+        mode: "busy-poll, client drives progress; server asleep (its NIC serves)".into(),
+        peer_copies: None,
+    };
+    for round in 1..=a.rounds {
+        if !a.no_perftest {
+            let (bw, lat) = perftest_round()?;
+            println!(
+                "round {round}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s; ib_read_lat 2 B typical {lat:.2} µs"
+            );
+            r.perftest_write_mib_s.push(bw);
+            r.perftest_read_lat_us.push(lat);
+        }
+        let w = c.run(&Params {
+            test: Test::Write,
+            size: 64 << 10,
+            depth: 128,
+            duration: a.duration,
+            warmup: Duration::from_millis(500),
+        })?;
+        let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
+        // As many round trips as ib_read_lat's -n 2000.
+        let small = client.alloc_region(4096, Rights::ALL)?;
+        let (p50, p99) = read_latency(&conn, &small, &key, 2000)?;
+        // Registration: the first write from a fresh 256 MiB region registers it; the
+        // writes after it find the registration cached.
+        let fresh = client.alloc_region(256 << 20, Rights::ALL)?;
+        let t = Instant::now();
+        conn.write(&fresh, 0, &key, 0, 8)?.wait()?;
+        let first = t.elapsed();
+        let mut rest = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            conn.write(&fresh, 0, &key, 0, 8)?.wait()?;
+            rest.push(t.elapsed().as_secs_f64());
+        }
+        let reg_s = (first.as_secs_f64() - median(&rest)).max(0.0);
+        let per_gib = reg_s * 1e3 * 4.0;
+        drop(fresh);
+        println!(
+            "round {round}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128); read 2 B p50 {p50:.2} µs (p99 {p99:.2}); registration {per_gib:.1} ms/GiB"
+        );
+        r.pfs_write_mib_s.push(mib);
+        r.pfs_read_lat_p50_us.push(p50);
+        r.registration_ms_per_gib.push(per_gib);
+    }
+    let pw = median(&r.pfs_write_mib_s);
+    let pl = median(&r.pfs_read_lat_p50_us);
+    println!();
+    println!(
+        "rdma between {} (soft-RoCE, TCG guest), {} rounds, medians:",
+        r.devices, a.rounds
+    );
+    println!("  PacketFS write 64 KiB   {pw:>10.2} MiB/s");
+    println!("  PacketFS read 2 B p50   {pl:>10.2} µs");
+    println!(
+        "  registration            {:>10.1} ms/GiB (first use of a region; cached after)",
+        median(&r.registration_ms_per_gib)
+    );
+    if !a.no_perftest {
+        let bw = median(&r.perftest_write_mib_s);
+        let lat = median(&r.perftest_read_lat_us);
+        let wr = pw / bw;
+        let lr = pl / lat;
+        println!(
+            "  ib_write_bw 64 KiB      {bw:>10.2} MiB/s   ratio PacketFS/perftest {wr:.3} (target >= 0.95: {})",
+            if wr >= 0.95 { "met" } else { "NOT met" }
+        );
+        println!(
+            "  ib_read_lat 2 B typical {lat:>10.2} µs      ratio PacketFS/perftest {lr:.3} (target <= 1.10: {})",
+            if lr <= 1.10 { "met" } else { "NOT met" }
+        );
+        r.write_ratio = Some(wr);
+        r.read_lat_ratio = Some(lr);
+        r.target_write_met = Some(wr >= 0.95);
+        r.target_read_met = Some(lr <= 1.10);
+    }
+    if let Some(path) = &a.json {
+        let s = serde_json::to_string_pretty(&r)?;
+        if path == "-" {
+            println!("{s}");
+        } else {
+            std::fs::write(path, s)?;
+        }
+    }
+    Ok(())
+}
