@@ -890,7 +890,7 @@ impl Connection {
         let req = OpReq {
             kind,
             done: done.clone(),
-            deadline: Instant::now() + s.core.config.op_timeout,
+            deadline: crate::sys::deadline_now() + s.core.config.op_timeout,
             key_len,
         };
         if s.engine().submit(s, req).is_err() {

@@ -226,6 +226,42 @@ pub(crate) fn random_bytes<const N: usize>() -> crate::Result<[u8; N]> {
     Ok(b)
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: served from the vDSO whatever the
+/// clocksource (jiffy resolution).
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; the clock id is valid.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The time for operation deadlines: an `Instant` within a few milliseconds of the
+/// truth, without a system call. Where the clocksource has no vDSO path (a VM's HPET)
+/// `Instant::now()` is a system call and a device read, tens of microseconds under
+/// emulation, and operations are submitted at rates where that shows. A thread reads
+/// the precise clock once a second and advances it by the coarse clock in between.
+pub(crate) fn deadline_now() -> std::time::Instant {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static BASE: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+    }
+    let c = coarse_ns();
+    BASE.with(|b| match b.get() {
+        Some((c0, i0)) if c >= c0 && c - c0 < 1_000_000_000 => {
+            i0 + Duration::from_nanos(c - c0)
+        }
+        _ => {
+            let i = Instant::now();
+            b.set(Some((c, i)));
+            i
+        }
+    })
+}
+
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
