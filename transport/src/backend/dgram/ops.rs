@@ -528,6 +528,19 @@ impl Sink for NoSink {
     fn deliver(&mut self, _: Header, _: &[u8]) {}
 }
 
+/// Whether a packet the initiator receives before the target's HELLO_ACK carries
+/// something other than keepalives ahead of the HELLO_ACK (or a refusal).
+fn overtakes_hello_ack(msgs: &[(Header, &[u8])]) -> bool {
+    for (h, _) in msgs {
+        match h.body {
+            Body::HelloAck { .. } | Body::Error { .. } => return false,
+            Body::Ping => {}
+            _ => return true,
+        }
+    }
+    false
+}
+
 /// The operation layer seen as the protocol's sink for one packet.
 pub(super) struct OpSink<'a, 'b> {
     ops: &'a mut OpLayer,
@@ -550,6 +563,11 @@ impl Sink for OpSink<'_, '_> {
             return false;
         }
         if o.writes_in.len() >= MAX_TRACKED || o.sends_in.len() >= MAX_TRACKED {
+            return false;
+        }
+        // Before its HELLO_ACK, the initiator holds back (unacknowledged) whatever
+        // overtook it: the target's first messages would otherwise be taken and lost.
+        if o.shared.is_none() && self.ctx.client && overtakes_hello_ack(msgs) {
             return false;
         }
         if let Some(s) = &o.shared {

@@ -331,3 +331,57 @@ fn the_same_seed_gives_the_same_trace() {
     assert!(a.len() > 100);
     assert_eq!(a, b, "two runs with one seed diverged");
 }
+
+#[test]
+fn messages_that_overtake_the_hello_ack_are_not_lost() {
+    use crate::proto::packet::{Kind, Packet};
+    use crate::wire::Body;
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    // The target's first HELLO_ACK is lost; the messages it sends as soon as it has
+    // accepted the connection reach the initiator before the HELLO_ACK does.
+    let mut dropped = false;
+    w.net.with_link(|l| {
+        l.tamper(Box::new(move |from, _, d| {
+            let hello_ack = from == sa(SERVER)
+                && Packet::decode(d).is_ok_and(|p| {
+                    p.kind == Kind::Data
+                        && crate::proto::decode_messages(&d[p.body_at..], u32::MAX).is_some_and(
+                            |m| {
+                                m.iter()
+                                    .any(|(h, _)| matches!(h.body, Body::HelloAck { .. }))
+                            },
+                        )
+                });
+            let drop = hello_ack && !dropped;
+            dropped |= drop;
+            drop
+        }))
+    });
+    let mut peer = None;
+    let mut sends = Vec::new();
+    let conn = w
+        .client
+        .connect_sim(&format!("udp://{SERVER}"), || {
+            w.step();
+            if peer.is_none()
+                && let Some(p) = w.server.try_accept()
+            {
+                sends = (0..3u64)
+                    .map(|i| p.send(&pattern(i, 100)).unwrap())
+                    .collect();
+                peer = Some(p);
+            }
+        })
+        .unwrap();
+    assert!(
+        peer.is_some(),
+        "the target accepted before the initiator connected"
+    );
+    for op in sends {
+        w.wait(op).unwrap();
+    }
+    for i in 0..3 {
+        let m = conn.try_recv().unwrap().expect("every message came");
+        assert!(m == pattern(i, 100), "message {i}");
+    }
+}
