@@ -206,11 +206,15 @@ impl SimLink {
         self.frozen.retain(|a| *a != addr);
     }
 
-    /// Pass every datagram through `rule(from, to, bytes)` before it goes on the link:
-    /// the rule may change the bytes, and drops the datagram by returning true (on top of
-    /// the random loss).
+    /// Pass every datagram through `rule(from, to, bytes)` before it goes on the link,
+    /// until [`clear_tamper`](SimLink::clear_tamper): the rule may change the bytes, and
+    /// drops the datagram by returning true (on top of the random loss).
     pub(crate) fn tamper(&mut self, rule: Tamper) {
         self.tamper = Some(rule);
+    }
+
+    pub(crate) fn clear_tamper(&mut self) {
+        self.tamper = None;
     }
 
     fn record(&mut self, from: SocketAddr, to: SocketAddr, len: usize, fate: Fate) {
