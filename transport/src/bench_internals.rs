@@ -193,11 +193,13 @@ impl ProtoPair {
         let mut queued = 0;
         while queued < n {
             while queued < n && self.a.can_queue() {
+                // Numbered, as the datagram backends send messages.
                 let h = Header {
                     op_id: self.next_op,
                     payload_len: len as u32,
-                    body: Body::Send {
-                        msg_len: len as u64,
+                    body: Body::SendSeq {
+                        seq: self.next_op as u32,
+                        msg_len: len as u32,
                         msg_off: 0,
                     },
                 };

@@ -384,6 +384,14 @@ impl<T> Mailbox<T> {
             .full(self.cap, self.max_bytes)
     }
 
+    /// Whether another item fits with `items` more items of `bytes` more bytes counted
+    /// against the limits: what a producer holds for this queue elsewhere.
+    pub(crate) fn has_room_with(&self, items: usize, bytes: usize) -> bool {
+        let q = self.q.lock().expect("mailbox poisoned");
+        q.items.len().saturating_add(items) < self.cap
+            && q.bytes.saturating_add(bytes) < self.max_bytes
+    }
+
     /// Push, or give the item back when full.
     pub(crate) fn push(&self, v: T) -> std::result::Result<(), T> {
         {

@@ -101,6 +101,10 @@ counters! {
     /// arrived (`max_incoming` messages or `max_incoming_bytes` queued); the peer is held
     /// back by flow control, nothing is lost.
     receive_stalls,
+    /// Messages that had arrived whole but were still held back for an earlier one
+    /// when their connection closed (datagram backends deliver a connection's messages
+    /// in order): never delivered, and their senders' `send`s failed.
+    messages_discarded,
     /// Errors of any kind (local and remote, including protocol errors).
     errors,
     /// Connections established.

@@ -5,8 +5,8 @@
 //! specified in `docs/wire.md`; this module is the reference implementation.
 //!
 //! A message is a 16-byte prefix, a fixed-size body chosen by the op code, and
-//! `payload_len` bytes of payload (data for `WRITE`, `READ_RESP` and `SEND`). All integers
-//! are little-endian.
+//! `payload_len` bytes of payload (data for `WRITE`, `READ_RESP`, `SEND` and `SEND_SEQ`).
+//! All integers are little-endian.
 //!
 //! ```text
 //! 0       1       2               4                               8
@@ -41,6 +41,10 @@ pub const MAX_HELLO_PAYLOAD: u32 = 1024;
 /// `HELLO`/`HELLO_ACK` feature bit: mutual authentication with the cluster secret
 /// (see `docs/security.md`).
 pub const FEATURE_AUTH: u32 = 1;
+/// `HELLO`/`HELLO_ACK` feature bit: the sender numbers its messages (`SEND_SEQ`) and
+/// delivers the peer's in the order of their numbers. Only the datagram backends announce
+/// it; a connection uses it when both sides did (see `docs/datagram.md`).
+pub const FEATURE_MSG_SEQ: u32 = 2;
 /// Largest payload of an `ERROR` (a UTF-8 explanation).
 pub const MAX_ERROR_PAYLOAD: u32 = 512;
 /// Length of a region key's token.
@@ -73,6 +77,8 @@ pub enum OpCode {
     AtomicResp = 0x15,
     /// Two-sided message.
     Send = 0x16,
+    /// Two-sided message with its per-connection sequence number (datagram backends).
+    SendSeq = 0x19,
     /// Positive completion of a write or send.
     Ack = 0x17,
     /// Negative completion of any op, or a connection-level error (op_id 0).
@@ -99,6 +105,7 @@ impl OpCode {
             0x14 => OpCode::Faa,
             0x15 => OpCode::AtomicResp,
             0x16 => OpCode::Send,
+            0x19 => OpCode::SendSeq,
             0x17 => OpCode::Ack,
             0x18 => OpCode::Error,
             0x20 => OpCode::Ping,
@@ -119,6 +126,7 @@ impl OpCode {
             OpCode::Faa => 40,
             OpCode::AtomicResp => 8,
             OpCode::Send => 16,
+            OpCode::SendSeq => 12,
             OpCode::Ack | OpCode::Ping | OpCode::Pong | OpCode::Auth => 0,
             OpCode::Error | OpCode::Goodbye => 8,
         }
@@ -204,7 +212,8 @@ pub enum Body {
         endpoint: u64,
         /// Largest data payload the sender accepts in one message.
         max_payload: u32,
-        /// Feature bits: [`FEATURE_AUTH`] (the payload is a challenge nonce).
+        /// Feature bits: [`FEATURE_AUTH`] (the payload is a challenge nonce),
+        /// [`FEATURE_MSG_SEQ`].
         features: u32,
     },
     /// Accepts a connection.
@@ -215,7 +224,8 @@ pub enum Body {
         endpoint: u64,
         /// Largest data payload the sender accepts in one message.
         max_payload: u32,
-        /// Feature bits: [`FEATURE_AUTH`] (the payload is a nonce and a proof).
+        /// Feature bits: [`FEATURE_AUTH`] (the payload is a nonce and a proof),
+        /// [`FEATURE_MSG_SEQ`].
         features: u32,
     },
     /// The initiator's proof of the cluster secret; the payload is the proof.
@@ -274,6 +284,18 @@ pub enum Body {
         /// Position of this payload in the message.
         msg_off: u64,
     },
+    /// Bytes `msg_off..msg_off+payload_len` of message number `seq`, of `msg_len`
+    /// bytes: a [`Body::Send`] that also carries the message's place in the sender's
+    /// sequence, so that the receiver can deliver messages in order.
+    SendSeq {
+        /// The message's number: the sender numbers the messages of a connection 0, 1,
+        /// 2, … (wrapping).
+        seq: u32,
+        /// Length of the whole message.
+        msg_len: u32,
+        /// Position of this payload in the message.
+        msg_off: u32,
+    },
     /// The op `op_id` took effect.
     Ack,
     /// The op `op_id` failed (or, with op_id 0, the connection is being refused/closed).
@@ -305,6 +327,7 @@ impl Body {
             Body::Faa { .. } => OpCode::Faa,
             Body::AtomicResp { .. } => OpCode::AtomicResp,
             Body::Send { .. } => OpCode::Send,
+            Body::SendSeq { .. } => OpCode::SendSeq,
             Body::Ack => OpCode::Ack,
             Body::Error { .. } => OpCode::Error,
             Body::Ping => OpCode::Ping,
@@ -329,7 +352,7 @@ pub struct Header {
 /// Limits a decoder enforces on lengths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest data payload (`WRITE`, `READ_RESP`, `SEND`) in one message.
+    /// Largest data payload (`WRITE`, `READ_RESP`, `SEND`, `SEND_SEQ`) in one message.
     pub max_payload: u32,
 }
 
@@ -557,6 +580,15 @@ impl Header {
                 w.u64(*msg_len);
                 w.u64(*msg_off);
             }
+            Body::SendSeq {
+                seq,
+                msg_len,
+                msg_off,
+            } => {
+                w.u32(*seq);
+                w.u32(*msg_len);
+                w.u32(*msg_off);
+            }
             Body::Ack | Body::Ping | Body::Pong | Body::Auth => {}
             Body::Error { code } => {
                 w.u16(*code as u16);
@@ -723,6 +755,20 @@ impl Header {
                 }
                 Body::Send { msg_len, msg_off }
             }
+            OpCode::SendSeq => {
+                check_payload(op, payload_len, max)?;
+                let seq = r.u32();
+                let msg_len = r.u32();
+                let msg_off = r.u32();
+                if !fits(u64::from(msg_off), payload_len, u64::from(msg_len)) {
+                    return Err(DecodeError::Inconsistent(op));
+                }
+                Body::SendSeq {
+                    seq,
+                    msg_len,
+                    msg_off,
+                }
+            }
             OpCode::Auth => {
                 check_payload(op, payload_len, MAX_HELLO_PAYLOAD)?;
                 Body::Auth
@@ -842,6 +888,11 @@ mod tests {
                 msg_len: l.max(o),
                 msg_off: o.min(l)
             }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(s, l, o)| Body::SendSeq {
+                seq: s,
+                msg_len: l.max(o),
+                msg_off: o.min(l)
+            }),
             Just(Body::Ack),
             known_code().prop_map(|code| Body::Error { code }),
             Just(Body::Ping),
@@ -858,6 +909,9 @@ mod tests {
                     msg_len: op_len,
                     msg_off: op_off,
                 } => (op_len - op_off).min(1 << 20) as u32,
+                Body::SendSeq {
+                    msg_len, msg_off, ..
+                } => (msg_len - msg_off).min(1 << 20),
                 Body::Hello { .. } | Body::HelloAck { .. } => 7,
                 Body::Auth => 32,
                 Body::Error { .. } => 3,
@@ -965,6 +1019,22 @@ mod tests {
         assert_eq!(
             Header::decode(&buf[..n], &Limits::default()),
             Err(DecodeError::Inconsistent(OpCode::Send))
+        );
+        // A numbered segment past the end of its message.
+        let h = Header {
+            op_id: 1,
+            payload_len: 10,
+            body: Body::SendSeq {
+                seq: 7,
+                msg_len: 15,
+                msg_off: 10,
+            },
+        };
+        let n = h.encode(&mut buf);
+        assert_eq!(n, PREFIX_LEN + 12);
+        assert_eq!(
+            Header::decode(&buf[..n], &Limits::default()),
+            Err(DecodeError::Inconsistent(OpCode::SendSeq))
         );
     }
 }

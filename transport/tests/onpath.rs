@@ -1,8 +1,9 @@
 //! An on-path attacker between a udp client and server: a relay that forwards every
 //! datagram, and also duplicates, replays old datagrams with valid connection ids and
 //! packet numbers, reorders, and (with per-datagram integrity on) alters and forges
-//! them. Every byte the client writes and reads back must be right, and the attacks
-//! must be seen and dropped by the protocol (duplicates, integrity failures).
+//! them. Every byte the client writes and reads back must be right, every message must
+//! arrive once, intact and in order, and the attacks must be seen and dropped by the
+//! protocol (duplicates, integrity failures).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -166,13 +167,30 @@ fn attacked_run(integrity: bool) -> (pfs_transport::Stats, Arc<Tally>) {
             "round {round}: the bytes read back differ from those written"
         );
         assert!(region.to_vec(0, 1 << 20).unwrap() == data, "round {round}");
-        let m = format!("message {round}").into_bytes();
-        conn.send(&m).unwrap().wait().unwrap();
-        assert_eq!(
-            accepted.recv_timeout(Duration::from_secs(10)).unwrap(),
-            Some(m)
-        );
+        // A burst of messages, some longer than a datagram: each arrives once, intact,
+        // in the order sent, however the relay duplicates, replays and reorders them.
+        let msg = |i: usize| -> Vec<u8> {
+            let mut m = format!("round {round} message {i} ").into_bytes();
+            m.resize(m.len() + [0, 100, 3000, 9000][i % 4], i as u8);
+            m
+        };
+        let sends: Vec<_> = (0..16).map(|i| conn.send(&msg(i)).unwrap()).collect();
+        for s in sends {
+            s.wait().unwrap();
+        }
+        for i in 0..16 {
+            let got = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(
+                got.as_deref() == Some(&msg(i)[..]),
+                "round {round}: message {i} is missing, out of order or altered"
+            );
+        }
     }
+    assert_eq!(
+        accepted.try_recv().unwrap(),
+        None,
+        "a message arrived twice"
+    );
     stop.store(true, Ordering::Relaxed);
     relay_thread.join().unwrap();
     let mut s = srv.stats();

@@ -124,6 +124,9 @@ impl Ord for InFlight {
     }
 }
 
+/// A rule for [`SimLink::tamper`].
+pub(crate) type Tamper = Box<dyn FnMut(SocketAddr, SocketAddr, &mut [u8]) -> bool + Send>;
+
 /// The link: datagrams between any addresses, with one bottleneck per direction pair.
 pub(crate) struct SimLink {
     cfg: LinkConfig,
@@ -136,6 +139,9 @@ pub(crate) struct SimLink {
     busy: Vec<((SocketAddr, SocketAddr), Instant)>,
     /// Addresses whose traffic is dropped (a frozen peer).
     frozen: Vec<SocketAddr>,
+    /// Sees every datagram `(from, to, bytes)` first: may change its bytes (an on-path
+    /// attacker), and drops it by returning true (targeted loss).
+    tamper: Option<Tamper>,
     pub(crate) trace: Vec<TraceEvent>,
     pub(crate) keep_trace: bool,
 }
@@ -161,6 +167,7 @@ impl SimLink {
             order: 0,
             busy: Vec::new(),
             frozen: Vec::new(),
+            tamper: None,
             trace: Vec::new(),
             keep_trace: true,
         }
@@ -199,6 +206,17 @@ impl SimLink {
         self.frozen.retain(|a| *a != addr);
     }
 
+    /// Pass every datagram through `rule(from, to, bytes)` before it goes on the link,
+    /// until [`clear_tamper`](SimLink::clear_tamper): the rule may change the bytes, and
+    /// drops the datagram by returning true (on top of the random loss).
+    pub(crate) fn tamper(&mut self, rule: Tamper) {
+        self.tamper = Some(rule);
+    }
+
+    pub(crate) fn clear_tamper(&mut self) {
+        self.tamper = None;
+    }
+
     fn record(&mut self, from: SocketAddr, to: SocketAddr, len: usize, fate: Fate) {
         if self.keep_trace {
             self.trace.push(TraceEvent {
@@ -221,6 +239,19 @@ impl SimLink {
             self.record(from, to, data.len(), Fate::Lost);
             return;
         }
+        let tampered;
+        let data = match self.tamper.as_mut() {
+            Some(f) => {
+                let mut v = data.to_vec();
+                if f(from, to, &mut v) {
+                    self.record(from, to, data.len(), Fate::Lost);
+                    return;
+                }
+                tampered = v;
+                &tampered[..]
+            }
+            None => data,
+        };
         if self.rng.chance(self.cfg.loss) {
             self.record(from, to, data.len(), Fate::Lost);
             return;

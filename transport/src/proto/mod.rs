@@ -11,7 +11,8 @@
 //! Messages are delivered **at most once and possibly out of order**: each DATA packet
 //! is processed on arrival (duplicates are recognised by packet number), which is what
 //! lets one-sided writes be placed straight at their offset without a reassembly buffer.
-//! Ordering, where the API promises it (`fence`), is the initiator's business.
+//! Ordering, where the API promises it, is the operation layer's business: `fence` on the
+//! initiator, and the numbering of two-sided messages (`SEND_SEQ`) on the receiver.
 
 pub(crate) mod mac;
 pub(crate) mod packet;
@@ -549,6 +550,14 @@ impl Conn {
             0
         };
         self.max_datagram - header_overhead() - tag
+    }
+
+    /// Most bytes of wire messages the packets of the receive window can carry: what
+    /// this side may have taken from the peer beyond its cumulative ACK.
+    pub(crate) fn receive_window_bytes(&self) -> usize {
+        self.rx
+            .as_ref()
+            .map_or(0, |rx| rx.w() as usize * self.max_message())
     }
 
     /// Largest payload a single wire message can carry.

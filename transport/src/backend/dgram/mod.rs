@@ -6,8 +6,9 @@
 //! operations into segments that fit one datagram (generated lazily, so a 1 GiB write
 //! queues nothing up front), places every arriving `WRITE` segment and `READ_RESP`
 //! segment straight at its offset (segments may arrive in any order; nothing is
-//! reassembled except two-sided messages), executes atomics exactly once (the protocol
-//! drops duplicate packets), and keeps the same fence, deadline and access-check rules.
+//! reassembled except two-sided messages, which are numbered and delivered in order),
+//! executes atomics exactly once (the protocol drops duplicate packets), and keeps the
+//! same fence, deadline and access-check rules.
 
 mod ops;
 #[cfg(test)]
@@ -610,12 +611,18 @@ impl World {
             local: self.local,
             client: c.connect.is_some(),
             queued: c.proto.queued(),
+            window_bytes: c.proto.receive_window_bytes(),
             new_shared: None,
         };
         c.proto.handle(now, &p, d, &mut c.ops.sink(&mut ctx));
         let after = c.proto.stats;
         let new_shared = ctx.new_shared.take();
         c.ops.after_packet(&mut c.proto);
+        if let Some(why) = c.ops.violation.take() {
+            tracing::warn!(peer = %c.peer, "closing a {} connection: {why}", self.kind);
+            c.proto.close(&why);
+            ops::fail_conn(c, &why);
+        }
         let shared = c.ops.shared.clone();
         let dropped = after.dropped - before.dropped;
         let malformed = after.malformed - before.malformed;

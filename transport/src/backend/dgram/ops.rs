@@ -1,7 +1,8 @@
 //! The operation layer of the datagram backends: initiator and target logic over a
-//! reliable, unordered message transport.
+//! reliable, unordered message transport. Two-sided messages are numbered and handed to
+//! the application in order ([`MsgOrder`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -63,6 +64,8 @@ enum Stream {
         op_id: u64,
         data: Arc<[u8]>,
         off: usize,
+        /// The message's number (`SEND_SEQ`), on a connection that numbers messages.
+        seq: Option<u32>,
     },
 }
 
@@ -79,6 +82,49 @@ struct InSend {
     buf: Vec<u8>,
     got: u64,
     refused: bool,
+    /// Its number, if it came as `SEND_SEQ`.
+    seq: Option<u32>,
+}
+
+/// Bytes of a `SEND_SEQ` header: what each segment of a numbered message costs on the
+/// wire besides its payload.
+const SEND_SEQ_HEADER: usize = wire::PREFIX_LEN + 12;
+
+/// Per-connection message order (`docs/datagram.md`, "Message order"). When both sides
+/// announced [`wire::FEATURE_MSG_SEQ`], each numbers the messages it sends 0, 1, 2, …
+/// (`SEND_SEQ`), and hands the peer's messages to the application strictly in the order
+/// of their numbers: a message that completes before an earlier one waits here.
+#[derive(Default)]
+struct MsgOrder {
+    /// Both sides number their messages.
+    numbered: bool,
+    /// Number of the next message this side sends.
+    send_next: u32,
+    /// Number of the next message to hand to the application.
+    recv_next: u32,
+    /// Complete messages waiting for an earlier one, by number.
+    held: BTreeMap<u32, HeldMsg>,
+    /// Payload bytes in `held`.
+    held_bytes: usize,
+    /// What the messages in `held` took on the wire, at least (one `SEND_SEQ` header
+    /// and the payload each): an honest peer cannot exceed its receive window with it.
+    held_wire: usize,
+}
+
+/// A complete message waiting for an earlier one.
+struct HeldMsg {
+    op_id: u64,
+    /// `None` for a refused message (too large): it was answered with an ERROR when it
+    /// began; its turn only moves the order on.
+    msg: Option<Vec<u8>>,
+}
+
+impl MsgOrder {
+    /// Whether message `seq` was already delivered or is held: a message number that
+    /// comes again.
+    fn is_taken(&self, seq: u32) -> bool {
+        seq.wrapping_sub(self.recv_next) >= 1 << 31 || self.held.contains_key(&seq)
+    }
 }
 
 /// Per-connection operation state.
@@ -101,8 +147,11 @@ pub(super) struct OpLayer {
     outbox: Vec<OutMsg>,
     writes_in: IdMap<InWrite>,
     sends_in: IdMap<InSend>,
+    order: MsgOrder,
     /// Pause the protocol's receiving (application queues full).
     want_pause: bool,
+    /// The peer broke the protocol in a way that ends the connection: why.
+    pub(super) violation: Option<String>,
     failed: bool,
 }
 
@@ -114,6 +163,9 @@ pub(super) struct Ctx<'a> {
     pub(super) local: SocketAddr,
     pub(super) client: bool,
     pub(super) queued: usize,
+    /// Most wire-message bytes the connection's receive window can hold
+    /// ([`PConn::receive_window_bytes`]).
+    pub(super) window_bytes: usize,
     /// A connection that became established: (its shared state, whether the accept
     /// queue took it).
     pub(super) new_shared: Option<(Arc<ConnShared>, bool)>,
@@ -128,6 +180,22 @@ fn msg(op_id: u64, body: Body, payload: Payload, len: usize) -> OutMsg {
         },
         payload,
     )
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: this thread's initiators leave [`wire::FEATURE_MSG_SEQ`] out of their
+    /// HELLO, as a build from before message numbering does.
+    pub(super) static LEGACY_HELLO: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// What an initiator's HELLO announces besides authentication.
+fn msg_seq_feature() -> u32 {
+    #[cfg(test)]
+    if LEGACY_HELLO.get() {
+        return 0;
+    }
+    wire::FEATURE_MSG_SEQ
 }
 
 /// Target side of the authentication exchange.
@@ -178,8 +246,19 @@ impl OpLayer {
             outbox: Vec::new(),
             writes_in: IdMap::default(),
             sends_in: IdMap::default(),
+            order: MsgOrder::default(),
             want_pause: false,
+            violation: None,
             failed: false,
+        }
+    }
+
+    /// [`wire::FEATURE_MSG_SEQ`] if this connection numbers its messages.
+    fn seq_feature(&self) -> u32 {
+        if self.order.numbered {
+            wire::FEATURE_MSG_SEQ
+        } else {
+            0
         }
     }
 
@@ -199,12 +278,13 @@ impl OpLayer {
             features,
         };
         if core.config.secret.is_none() {
-            return proto.queue(small(0, hello(0)));
+            return proto.queue(small(0, hello(msg_seq_feature())));
         }
         match auth::nonce() {
             Ok(n) => {
                 self.our_nonce = Some(n);
-                proto.queue(with_bytes(0, hello(wire::FEATURE_AUTH), n.to_vec()));
+                let features = wire::FEATURE_AUTH | msg_seq_feature();
+                proto.queue(with_bytes(0, hello(features), n.to_vec()));
             }
             Err(e) => self.handshake_error = Some(e),
         }
@@ -317,10 +397,17 @@ impl OpLayer {
             }
             OpKind::Send { data } => {
                 let len = data.len() as u64;
+                let o = &mut self.order;
+                let seq = o.numbered.then(|| {
+                    let s = o.send_next;
+                    o.send_next = s.wrapping_add(1);
+                    s
+                });
                 self.streams.push_back(Stream::Send {
                     op_id,
                     data: data.into(),
                     off: 0,
+                    seq,
                 });
                 (PKind::Send, 0, len)
             }
@@ -464,15 +551,29 @@ impl OpLayer {
                     *off += n;
                     *off >= total
                 }
-                Stream::Send { op_id, data, off } => {
+                Stream::Send {
+                    op_id,
+                    data,
+                    off,
+                    seq,
+                } => {
                     let total = data.len();
                     let n = (seg as usize).min(total - *off);
-                    proto.queue(msg(
-                        *op_id,
-                        Body::Send {
+                    let body = match *seq {
+                        // A message is at most the peer's max_payload, a u32.
+                        Some(seq) => Body::SendSeq {
+                            seq,
+                            msg_len: total as u32,
+                            msg_off: *off as u32,
+                        },
+                        None => Body::Send {
                             msg_len: total as u64,
                             msg_off: *off as u64,
                         },
+                    };
+                    proto.queue(msg(
+                        *op_id,
+                        body,
                         if n > 0 {
                             Payload::Shared(data.clone(), *off..*off + n)
                         } else {
@@ -516,6 +617,20 @@ pub(super) fn fail_conn(c: &mut DConn, reason: &str) {
     ops.outbox.clear();
     ops.writes_in.clear();
     ops.sends_in.clear();
+    // Messages held back for an earlier one are never delivered: the application would
+    // see a gap in the order. Messages already delivered stay readable.
+    let held = std::mem::take(&mut ops.order.held);
+    let discarded = held.values().filter(|h| h.msg.is_some()).count();
+    if discarded > 0
+        && let Some(s) = &ops.shared
+    {
+        tracing::debug!(
+            "discarding {discarded} messages held for an earlier one that never came: {reason}"
+        );
+        s.count(C::messages_discarded, discarded as u64);
+    }
+    ops.order.held_bytes = 0;
+    ops.order.held_wire = 0;
 }
 
 /// A sink that takes nothing (for repeated INITs).
@@ -526,6 +641,19 @@ impl Sink for NoSink {
         false
     }
     fn deliver(&mut self, _: Header, _: &[u8]) {}
+}
+
+/// Whether a packet the initiator receives before the target's HELLO_ACK carries
+/// something other than keepalives ahead of the HELLO_ACK (or a refusal).
+fn overtakes_hello_ack(msgs: &[(Header, &[u8])]) -> bool {
+    for (h, _) in msgs {
+        match h.body {
+            Body::HelloAck { .. } | Body::Error { .. } => return false,
+            Body::Ping => {}
+            _ => return true,
+        }
+    }
+    false
 }
 
 /// The operation layer seen as the protocol's sink for one packet.
@@ -552,11 +680,17 @@ impl Sink for OpSink<'_, '_> {
         if o.writes_in.len() >= MAX_TRACKED || o.sends_in.len() >= MAX_TRACKED {
             return false;
         }
+        // Before its HELLO_ACK, the initiator holds back (unacknowledged) whatever
+        // overtook it: the target's first messages would otherwise be taken and lost.
+        if o.shared.is_none() && self.ctx.client && overtakes_hello_ack(msgs) {
+            return false;
+        }
         if let Some(s) = &o.shared {
             let wants_room = msgs.iter().any(|(h, _)| {
                 matches!(
                     h.body,
                     Body::Send { .. }
+                        | Body::SendSeq { .. }
                         | Body::Write {
                             notify: Some(_),
                             ..
@@ -564,7 +698,22 @@ impl Sink for OpSink<'_, '_> {
                 )
             });
             if wants_room && !(s.inbox.has_room() && s.notes.has_room()) {
+                // The application is behind: pause until it takes something.
                 o.want_pause = true;
+                return false;
+            }
+            // Messages held back for an earlier one count against the same limits. Past
+            // them, only a packet that carries part of the message everything waits for
+            // is taken (so the gap closes; pausing would wait for the application, which
+            // has nothing to read); the others come again later.
+            let ord = &o.order;
+            if wants_room
+                && !ord.held.is_empty()
+                && !s.inbox.has_room_with(ord.held.len(), ord.held_bytes)
+                && !msgs.iter().any(
+                    |(h, _)| matches!(h.body, Body::SendSeq { seq, .. } if seq == ord.recv_next),
+                )
+            {
                 return false;
             }
         }
@@ -714,34 +863,35 @@ impl Sink for OpSink<'_, '_> {
                 _ => shared.count(C::drops, 1),
             },
             Body::Send { msg_len, msg_off } => {
-                let max = core.config.max_message_size as u64;
-                let e = o.sends_in.entry(op_id).or_insert_with(|| InSend {
-                    buf: Vec::new(),
-                    got: 0,
-                    refused: msg_len > max,
-                });
-                if e.refused {
-                    if e.got == 0 {
-                        let why = format!("message of {msg_len} bytes exceeds the limit of {max}");
-                        o.outbox.push(error_msg(op_id, ErrorCode::TooLarge, &why));
-                    }
-                } else {
-                    if e.buf.len() as u64 != msg_len {
-                        e.buf.resize(msg_len as usize, 0);
-                    }
-                    let at = msg_off as usize;
-                    e.buf[at..at + payload.len()].copy_from_slice(payload);
+                if o.order.numbered {
+                    return o.refuse_message(&shared, op_id, "a SEND without its number");
                 }
-                e.got = e.got.saturating_add(payload.len() as u64).max(1);
-                if e.got >= msg_len {
-                    let e = o.sends_in.remove(&op_id).expect("entry exists");
-                    if !e.refused {
-                        shared.count(C::messages_received, 1);
-                        shared.count(C::message_bytes_received, msg_len);
-                        let n = e.buf.len();
-                        shared.inbox.push_admitted(e.buf, n);
-                        o.outbox.push(small(op_id, Body::Ack));
-                    }
+                o.message_segment(&shared, core, op_id, None, msg_len, msg_off, payload);
+            }
+            Body::SendSeq {
+                seq,
+                msg_len,
+                msg_off,
+            } => {
+                if !o.order.numbered {
+                    return o.refuse_message(&shared, op_id, "SEND_SEQ, which was not agreed on");
+                }
+                if o.order.is_taken(seq) {
+                    // Only a peer that numbers two messages alike gets here: duplicate
+                    // datagrams never reach the operation layer.
+                    tracing::debug!(
+                        peer = %self.ctx.peer,
+                        "dropping a segment of message {seq}, which was already delivered or is held"
+                    );
+                    shared.count(C::drops, 1);
+                    shared.count(C::protocol_errors, 1);
+                    return;
+                }
+                let (len, off) = (u64::from(msg_len), u64::from(msg_off));
+                if let Some(done) =
+                    o.message_segment(&shared, core, op_id, Some(seq), len, off, payload)
+                {
+                    o.in_order(&shared, seq, done, self.ctx.window_bytes);
                 }
             }
             Body::Ack => match o.pending.get(&op_id).map(|p| &p.kind) {
@@ -767,6 +917,134 @@ impl Sink for OpSink<'_, '_> {
             }
             Body::Ping | Body::Pong | Body::Goodbye { .. } => {}
         }
+    }
+}
+
+impl OpLayer {
+    /// Take one segment of an incoming message. Returns the message once complete if it
+    /// is numbered (`None` inside: refused); an unnumbered one is delivered at once.
+    #[allow(clippy::too_many_arguments)]
+    fn message_segment(
+        &mut self,
+        shared: &ConnShared,
+        core: &Core,
+        op_id: u64,
+        seq: Option<u32>,
+        msg_len: u64,
+        msg_off: u64,
+        payload: &[u8],
+    ) -> Option<HeldMsg> {
+        let max = core.config.max_message_size as u64;
+        let e = self.sends_in.entry(op_id).or_insert_with(|| InSend {
+            buf: Vec::new(),
+            got: 0,
+            refused: msg_len > max,
+            seq,
+        });
+        if e.seq != seq {
+            shared.count(C::drops, 1);
+            shared.count(C::protocol_errors, 1);
+            return None;
+        }
+        if e.refused {
+            if e.got == 0 {
+                let why = format!("message of {msg_len} bytes exceeds the limit of {max}");
+                self.outbox
+                    .push(error_msg(op_id, ErrorCode::TooLarge, &why));
+            }
+        } else {
+            if e.buf.len() as u64 != msg_len {
+                e.buf.resize(msg_len as usize, 0);
+            }
+            let at = msg_off as usize;
+            e.buf[at..at + payload.len()].copy_from_slice(payload);
+        }
+        e.got = e.got.saturating_add(payload.len() as u64).max(1);
+        if e.got < msg_len {
+            return None;
+        }
+        let e = self.sends_in.remove(&op_id).expect("entry exists");
+        let done = HeldMsg {
+            op_id,
+            msg: (!e.refused).then_some(e.buf),
+        };
+        if seq.is_some() {
+            return Some(done);
+        }
+        self.hand_over(shared, done);
+        None
+    }
+
+    /// Numbered message `seq` is complete: deliver it if it is next, with the held
+    /// messages that follow it; else hold it until the earlier ones are in.
+    fn in_order(&mut self, shared: &ConnShared, seq: u32, m: HeldMsg, window_bytes: usize) {
+        let o = &mut self.order;
+        if o.is_taken(seq) {
+            // Two messages under one number, the first delivered or held meanwhile.
+            shared.count(C::drops, 1);
+            shared.count(C::protocol_errors, 1);
+            return;
+        }
+        if seq != o.recv_next {
+            let bytes = m.msg.as_ref().map_or(0, Vec::len);
+            o.held_bytes += bytes;
+            o.held_wire += SEND_SEQ_HEADER + bytes;
+            o.held.insert(seq, m);
+            if o.held_wire > window_bytes {
+                // Everything held arrived in packets of the receive window (the
+                // message they wait for is in a packet not yet received, and an honest
+                // sender segments messages in order), so it cannot take more than the
+                // window: the peer numbers messages it never sends.
+                shared.count(C::protocol_errors, 1);
+                shared.count(C::errors, 1);
+                self.violation = Some(format!(
+                    "the peer made this side hold {} messages ({} bytes) for message {}, \
+                     more than its receive window carries",
+                    o.held.len(),
+                    o.held_wire,
+                    o.recv_next
+                ));
+            }
+            return;
+        }
+        o.recv_next = o.recv_next.wrapping_add(1);
+        self.hand_over(shared, m);
+        while !self.order.held.is_empty() {
+            let o = &mut self.order;
+            let Some(m) = o.held.remove(&o.recv_next) else {
+                break;
+            };
+            let bytes = m.msg.as_ref().map_or(0, Vec::len);
+            o.held_bytes -= bytes;
+            o.held_wire -= SEND_SEQ_HEADER + bytes;
+            o.recv_next = o.recv_next.wrapping_add(1);
+            self.hand_over(shared, m);
+        }
+    }
+
+    /// Queue a complete message for the application and acknowledge it (its sender's
+    /// `send` completes). A refused one was answered when it began.
+    fn hand_over(&mut self, shared: &ConnShared, m: HeldMsg) {
+        if let Some(buf) = m.msg {
+            let n = buf.len();
+            shared.count(C::messages_received, 1);
+            shared.count(C::message_bytes_received, n as u64);
+            shared.inbox.push_admitted(buf, n);
+            self.outbox.push(small(m.op_id, Body::Ack));
+        }
+    }
+
+    /// Refuse a message segment that breaks what the two sides agreed on at setup.
+    fn refuse_message(&mut self, shared: &ConnShared, op_id: u64, what: &str) {
+        shared.count(C::protocol_errors, 1);
+        shared.count(C::remote_ops_refused, 1);
+        let why = if self.order.numbered {
+            format!("{what} on a connection that numbers its messages")
+        } else {
+            format!("{what}: this connection does not number its messages")
+        };
+        self.outbox
+            .push(error_msg(op_id, ErrorCode::Protocol, &why));
     }
 }
 
@@ -815,6 +1093,7 @@ impl OpSink<'_, '_> {
                 max_payload,
                 features,
             } if !self.ctx.client && matches!(self.ops.srv_auth, SrvAuth::Open) => {
+                self.ops.order.numbered = features & wire::FEATURE_MSG_SEQ != 0;
                 let version = max_version.min(wire::MAX_VERSION);
                 if version < min_version.max(wire::MIN_VERSION) {
                     let why = format!(
@@ -852,7 +1131,7 @@ impl OpSink<'_, '_> {
                         version,
                         endpoint: core.id,
                         max_payload: core.config.max_payload(),
-                        features: wire::FEATURE_AUTH,
+                        features: wire::FEATURE_AUTH | self.ops.seq_feature(),
                     },
                     answer,
                 ));
@@ -894,6 +1173,9 @@ impl OpSink<'_, '_> {
                         return;
                     }
                 }
+                // Our HELLO asked for numbered messages; the answer says whether the
+                // target numbers them too (one that does not know the bit leaves it out).
+                o.order.numbered = features & wire::FEATURE_MSG_SEQ != 0;
                 self.establish(endpoint, max_payload, None);
             }
             Body::Error { code } if h.op_id == 0 => {
@@ -989,13 +1271,14 @@ impl OpSink<'_, '_> {
         let accepted = core.accepted.push(shared.clone()).is_ok();
         if accepted {
             if let Some(version) = ack {
+                let features = o.seq_feature();
                 o.outbox.push(small(
                     0,
                     Body::HelloAck {
                         version,
                         endpoint: core.id,
                         max_payload: core.config.max_payload(),
-                        features: 0,
+                        features,
                     },
                 ));
             }
@@ -1008,5 +1291,34 @@ impl OpSink<'_, '_> {
             o.outbox.push(error_msg(0, ErrorCode::Busy, why));
         }
         self.ctx.new_shared = Some((shared, accepted));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_numbers_wrap_around() {
+        let mut o = MsgOrder {
+            recv_next: u32::MAX - 1,
+            ..MsgOrder::default()
+        };
+        assert!(!o.is_taken(u32::MAX - 1), "the next one");
+        assert!(!o.is_taken(u32::MAX));
+        assert!(!o.is_taken(3), "ahead, past the wrap");
+        assert!(o.is_taken(u32::MAX - 2), "delivered");
+        assert!(
+            o.is_taken(u32::MAX / 2),
+            "too far ahead to tell from delivered"
+        );
+        o.held.insert(
+            3,
+            HeldMsg {
+                op_id: 9,
+                msg: None,
+            },
+        );
+        assert!(o.is_taken(3), "held");
     }
 }

@@ -331,3 +331,322 @@ fn the_same_seed_gives_the_same_trace() {
     assert!(a.len() > 100);
     assert_eq!(a, b, "two runs with one seed diverged");
 }
+
+/// Size of message `i` in the order tests: empty, small, and several datagrams long at
+/// MTU 1500 (so that both whole messages and reassembled ones overtake each other).
+fn msg_len(i: usize) -> usize {
+    [0, 1, 700, 3000, 1400, 20_000, 64, 9000][i % 8]
+}
+
+/// Send `n` messages, `in_flight` at a time, and check that the peer receives them in
+/// the order they were sent, each once and intact. The receiver takes what has arrived
+/// every `read_every` of virtual time (a slow receiver), or at every step.
+fn messages_in_order(w: &World, n: usize, in_flight: usize, read_every: Duration) {
+    let (conn, peer) = w.connect();
+    let mut ops: std::collections::VecDeque<Op<()>> = Default::default();
+    let (mut sent, mut got) = (0, 0);
+    let mut last_read = w.net.elapsed();
+    while got < n {
+        while sent < n && ops.len() < in_flight {
+            ops.push_back(conn.send(&pattern(sent as u64, msg_len(sent))).unwrap());
+            sent += 1;
+        }
+        if w.net.elapsed() - last_read >= read_every {
+            last_read = w.net.elapsed();
+            while let Some(m) = peer.try_recv().unwrap() {
+                assert!(got < n, "more messages than were sent");
+                assert_eq!(m.len(), msg_len(got), "message {got}: wrong length");
+                assert!(
+                    m == pattern(got as u64, msg_len(got)),
+                    "message {got} is not the one sent {got}th (messages out of order)"
+                );
+                got += 1;
+            }
+        }
+        while ops.front_mut().is_some_and(|o| o.is_done()) {
+            w.wait(ops.pop_front().unwrap()).unwrap();
+        }
+        w.step();
+        assert!(
+            w.net.elapsed() < Duration::from_secs(600),
+            "stuck at {got} of {n} messages"
+        );
+    }
+    for op in ops {
+        w.wait(op).unwrap();
+    }
+    assert_eq!(peer.try_recv().unwrap(), None, "a message came twice");
+    assert_eq!(peer.stats().messages_received, n as u64);
+    assert_eq!(peer.stats().messages_discarded, 0);
+}
+
+#[test]
+fn messages_arrive_in_order_through_loss_and_reordering() {
+    let link = LinkConfig {
+        seed: 7,
+        loss: 0.05,
+        duplicate: 0.02,
+        reorder: 0.10,
+        reorder_by: Duration::from_micros(200),
+        jitter: Duration::from_micros(20),
+        ..LinkConfig::default()
+    };
+    let w = World::new(link, cfg(1500));
+    messages_in_order(&w, 3000, 64, Duration::ZERO);
+    let reordered = w.net.with_link(|l| {
+        l.trace
+            .iter()
+            .filter(|e| matches!(e.fate, Fate::Lost | Fate::Reordered))
+            .count()
+    });
+    assert!(
+        reordered > 100,
+        "the link should have misbehaved: {reordered}"
+    );
+}
+
+#[test]
+fn messages_stay_in_order_while_a_slow_receiver_holds_the_sender_back() {
+    let w = World::new(lossy(8, 0.03), move || {
+        let mut c = cfg(1500)();
+        c.max_incoming_bytes = 48 << 10;
+        c.max_incoming = 16;
+        c
+    });
+    messages_in_order(&w, 1500, 128, Duration::from_millis(2));
+    assert!(
+        w.server.stats().receive_stalls > 0,
+        "{:?}",
+        w.server.stats()
+    );
+}
+
+/// Calls `f` with every wire message of a DATA datagram from the client (header and
+/// the message's offset in the datagram); true if any call does.
+fn client_messages(
+    from: SocketAddr,
+    d: &mut [u8],
+    mut f: impl FnMut(&crate::wire::Header, usize, &mut [u8]) -> bool,
+) -> bool {
+    use crate::proto::packet::{Kind, Packet};
+    use crate::wire::{Header, Limits};
+    let Ok(p) = Packet::decode(d) else {
+        return false;
+    };
+    if from != sa(CLIENT) || p.kind != Kind::Data || p.mac {
+        return false;
+    }
+    let (mut at, mut any) = (p.body_at, false);
+    while let Ok((h, n)) = Header::decode(&d[at..], &Limits::default()) {
+        any |= f(&h, at, d);
+        at += n + h.payload_len as usize;
+    }
+    any
+}
+
+/// Drops the client's datagrams that carry part of message number `seq`.
+fn drop_message(seq: u32) -> crate::frames::sim::Tamper {
+    use crate::wire::Body;
+    Box::new(move |from, _, d| {
+        client_messages(
+            from,
+            d,
+            |h, _, _| matches!(h.body, Body::SendSeq { seq: s, .. } if s == seq),
+        )
+    })
+}
+
+/// Messages 1..=5 arrive, message 0 does not: nothing may be delivered.
+fn hold_five(w: &World) -> (Connection, Connection, Vec<Op<()>>) {
+    let (conn, peer) = w.connect();
+    w.net.with_link(|l| l.tamper(drop_message(0)));
+    let ops: Vec<Op<()>> = (0..6)
+        .map(|i| conn.send(&pattern(i, msg_len(i as usize + 2))).unwrap())
+        .collect();
+    let t0 = w.net.elapsed();
+    w.until(Duration::from_secs(1), || {
+        (w.net.elapsed() - t0 >= Duration::from_millis(200)).then_some(())
+    });
+    assert_eq!(
+        peer.try_recv().unwrap(),
+        None,
+        "delivered ahead of message 0"
+    );
+    assert!(
+        ops.iter().all(|o| !o.is_done()),
+        "a held message was acknowledged"
+    );
+    (conn, peer, ops)
+}
+
+#[test]
+fn a_lost_message_holds_back_later_ones_until_it_arrives() {
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (_conn, peer, ops) = hold_five(&w);
+    w.net.with_link(|l| l.clear_tamper());
+    for op in ops {
+        w.wait(op).unwrap();
+    }
+    for i in 0..6 {
+        let m = peer.try_recv().unwrap().expect("every message came");
+        assert!(m == pattern(i, msg_len(i as usize + 2)), "message {i}");
+    }
+    assert_eq!(peer.try_recv().unwrap(), None);
+}
+
+/// One side closes while messages 1..=5 wait for message 0: none of them is delivered,
+/// the receiver counts them, and their sends fail.
+fn close_with_held_messages(receiver_closes: bool) {
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (conn, peer, ops) = hold_five(&w);
+    if receiver_closes {
+        peer.close();
+    } else {
+        conn.close();
+    }
+    for op in ops {
+        let e = w.wait(op).unwrap_err();
+        assert!(matches!(e, Error::ConnectionLost { .. }), "{e:?}");
+    }
+    w.until(Duration::from_secs(1), || {
+        (conn.is_closed() && peer.is_closed()).then_some(())
+    });
+    // Nothing was delivered, and never will be: the receiver's queue is closed and empty.
+    assert!(peer.try_recv().is_err());
+    assert_eq!(peer.stats().messages_received, 0);
+    assert_eq!(peer.stats().messages_discarded, 5);
+}
+
+#[test]
+fn held_messages_are_discarded_and_counted_when_the_receiver_closes() {
+    close_with_held_messages(true);
+}
+
+#[test]
+fn held_messages_are_discarded_and_counted_when_the_sender_resets() {
+    close_with_held_messages(false);
+}
+
+#[test]
+fn an_initiator_that_does_not_number_messages_still_exchanges_them() {
+    // An older initiator announces no FEATURE_MSG_SEQ: the connection falls back to
+    // unnumbered SENDs both ways (delivered as they complete).
+    super::ops::LEGACY_HELLO.set(true);
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (conn, peer) = w.connect();
+    super::ops::LEGACY_HELLO.set(false);
+    for (from, to) in [(&conn, &peer), (&peer, &conn)] {
+        let ops: Vec<Op<()>> = (0..20)
+            .map(|i| from.send(&pattern(i, msg_len(i as usize))).unwrap())
+            .collect();
+        for op in ops {
+            w.wait(op).unwrap();
+        }
+        for i in 0..20 {
+            let m = to.try_recv().unwrap().expect("every message came");
+            assert!(m == pattern(i, msg_len(i as usize)), "message {i}");
+        }
+    }
+    assert_eq!(
+        peer.stats().protocol_errors + conn.stats().protocol_errors,
+        0
+    );
+}
+
+#[test]
+fn messages_that_overtake_the_hello_ack_are_not_lost() {
+    use crate::proto::packet::{Kind, Packet};
+    use crate::wire::Body;
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    // The target's first HELLO_ACK is lost; the messages it sends as soon as it has
+    // accepted the connection reach the initiator before the HELLO_ACK does.
+    let mut dropped = false;
+    w.net.with_link(|l| {
+        l.tamper(Box::new(move |from, _, d| {
+            let hello_ack = from == sa(SERVER)
+                && Packet::decode(d).is_ok_and(|p| {
+                    p.kind == Kind::Data
+                        && crate::proto::decode_messages(&d[p.body_at..], u32::MAX).is_some_and(
+                            |m| {
+                                m.iter()
+                                    .any(|(h, _)| matches!(h.body, Body::HelloAck { .. }))
+                            },
+                        )
+                });
+            let drop = hello_ack && !dropped;
+            dropped |= drop;
+            drop
+        }))
+    });
+    let mut peer = None;
+    let mut sends = Vec::new();
+    let conn = w
+        .client
+        .connect_sim(&format!("udp://{SERVER}"), || {
+            w.step();
+            if peer.is_none()
+                && let Some(p) = w.server.try_accept()
+            {
+                sends = (0..3u64)
+                    .map(|i| p.send(&pattern(i, 100)).unwrap())
+                    .collect();
+                peer = Some(p);
+            }
+        })
+        .unwrap();
+    assert!(
+        peer.is_some(),
+        "the target accepted before the initiator connected"
+    );
+    for op in sends {
+        w.wait(op).unwrap();
+    }
+    for i in 0..3 {
+        let m = conn.try_recv().unwrap().expect("every message came");
+        assert!(m == pattern(i, 100), "message {i}");
+    }
+}
+
+#[test]
+fn a_peer_that_numbers_messages_it_never_sends_is_cut_off() {
+    use crate::wire::Body;
+    // An on-path attacker (no integrity) adds 1 to every message number from the
+    // client: message 0 never comes, and everything the client sends is held for it.
+    // With limits too large to stop it, the receive window bound does.
+    let w = World::new(LinkConfig::default(), move || {
+        let mut c = cfg(1500)().max_ops_in_flight(4096);
+        c.max_incoming = 1 << 20;
+        c.max_incoming_bytes = 1 << 30;
+        c
+    });
+    let (conn, peer) = w.connect();
+    w.net.with_link(|l| {
+        l.tamper(Box::new(|from, _, d| {
+            client_messages(from, d, |h, at, d| {
+                if let Body::SendSeq { seq, .. } = h.body {
+                    let field = at + crate::wire::PREFIX_LEN;
+                    d[field..field + 4].copy_from_slice(&seq.wrapping_add(1).to_le_bytes());
+                }
+                false
+            });
+            false
+        }))
+    });
+    let ops: Vec<Op<()>> = (0..3000)
+        .map(|i| conn.send(&pattern(i, 1000)).unwrap())
+        .collect();
+    w.until(Duration::from_secs(10), || peer.is_closed().then_some(()));
+    for op in ops {
+        assert!(w.wait(op).is_err(), "a held message was acknowledged");
+    }
+    let s = peer.stats();
+    assert_eq!(s.messages_received, 0, "{s:?}");
+    assert!(s.protocol_errors >= 1, "{s:?}");
+    // Cut off once the held messages passed one receive window of datagrams: 1024
+    // datagrams at MTU 1500 carry about 1,380 of these messages.
+    assert!(
+        (1000..1500).contains(&s.messages_discarded),
+        "{} messages held before the connection was closed",
+        s.messages_discarded
+    );
+}

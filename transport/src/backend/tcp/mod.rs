@@ -1981,6 +1981,11 @@ impl Ctx {
                     Then::Message { op_id },
                 );
             }
+            Body::SendSeq { .. } => {
+                // Numbered messages are for datagram connections that agreed on them
+                // (FEATURE_MSG_SEQ); a stream keeps messages in order by itself.
+                self.protocol_error(conn, "SEND_SEQ on a stream connection".into())
+            }
             Body::Ack => match conn.pending.get(&op_id).map(|p| &p.kind) {
                 Some(PKind::Write) | Some(PKind::Send) => {
                     self.complete(conn, op_id, Ok(0));
