@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use pfs_memshare::builtin::{self, NOOP, SUM_U64};
-use pfs_memshare::{Node, NodeConfig, Rights};
+use pfs_memshare::{Node, NodeConfig, Rights, SharedBuffer};
 use pfs_transport::{BackendKind, Endpoint, EndpointConfig};
 
 use crate::units;
@@ -137,6 +137,15 @@ pub fn task(a: &TaskArgs) -> AnyResult {
     }
     println!();
     println!("times are medians; round trips are full round trips (request and answer)");
+    println!(
+        "empty task: pfs.noop on 8 bytes, dispatched between the two nodes; msg RTT: 16 B \
+         echoed between two more endpoints of the same backend by a thread reading the \
+         connection; both with a blocking progress thread per endpoint, both waiting for \
+         their send to complete and for the answer; {} of each after {WARM_UP} untimed, \
+         timed alternately in {} blocks",
+        a.round_trips,
+        BLOCKS.min(a.round_trips)
+    );
     for r in &rows {
         println!(
             "{}: empty task round trip ≤ 2 × message round trip: {}; dispatched reduction ≤ \
@@ -249,14 +258,7 @@ fn measure(k: BackendKind, a: &TaskArgs) -> AnyResult<Row> {
     let ratio = median(&mut ratios);
 
     units::progress(&format!("{k}: round trips"));
-    let mut empty: Vec<f64> = Vec::with_capacity(a.round_trips);
-    for _ in 0..a.round_trips {
-        let t = Instant::now();
-        remote.dispatch_range(0..8, NOOP, &[])?;
-        empty.push(t.elapsed().as_secs_f64());
-    }
-    let empty_rtt = median(&mut empty);
-    let msg_rtt = message_rtt(&listen, a.round_trips)?;
+    let (empty_rtt, msg_rtt) = round_trips(&remote, &listen, a.round_trips)?;
     let ship_median = median(&mut ship.clone());
     Ok(Row {
         backend: k.to_string(),
@@ -276,32 +278,70 @@ fn measure(k: BackendKind, a: &TaskArgs) -> AnyResult<Row> {
     })
 }
 
-/// Median round trip of a 16-byte message echoed by a peer endpoint (same backend,
-/// same progress mode as the nodes).
-fn message_rtt(listen: &str, n: usize) -> AnyResult<f64> {
+/// Round trips timed alternately in this many blocks (A B A B …), so that a change in
+/// the machine's load affects both kinds alike.
+const BLOCKS: usize = 10;
+/// Untimed round trips of each kind first.
+const WARM_UP: usize = 10;
+
+/// Median round trips of an empty task (`pfs.noop` on 8 bytes of `remote`) and of a
+/// 16-byte message echoed by a peer endpoint (same backend, same progress mode as the
+/// nodes: a progress thread each, blocking waits), `n` of each, interleaved in blocks.
+/// Both wait the same way: the message's sender waits for its send to complete, then
+/// for the echo; a dispatching caller is woken by its request's send completing and by
+/// the answer. The echo is sent by the thread reading the connection, as a task is run
+/// by the owner's thread that read the request.
+fn round_trips(remote: &SharedBuffer, listen: &str, n: usize) -> AnyResult<(f64, f64)> {
     let server = Endpoint::bind(EndpointConfig::new().listen(listen)?)?;
     let client = Endpoint::bind(EndpointConfig::new())?;
     let conn = client.connect(&server.local_addrs()[0].to_string())?;
     let peer = server
         .accept_timeout(Duration::from_secs(10))?
         .ok_or("the echo peer never accepted")?;
+    const PING: [u8; 16] = [7u8; 16];
+    const END: &[u8] = b"end";
+    // Echo every message; the last one is END.
     let echo = std::thread::spawn(move || -> pfs_transport::Result<()> {
-        for _ in 0..n {
-            match peer.recv_timeout(Duration::from_secs(10))? {
-                Some(m) => peer.send(&m)?.wait()?,
-                None => break,
+        while let Some(m) = peer.recv_timeout(Duration::from_secs(10))? {
+            peer.send(&m)?.wait()?;
+            if m == END {
+                break;
             }
         }
         Ok(())
     });
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
+    let message = || -> AnyResult<f64> {
         let t = Instant::now();
-        conn.send(&[7u8; 16])?.wait()?;
+        conn.send(&PING)?.wait()?;
         conn.recv_timeout(Duration::from_secs(10))?
             .ok_or("no echo within 10 s")?;
-        v.push(t.elapsed().as_secs_f64());
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let task = || -> AnyResult<f64> {
+        let t = Instant::now();
+        remote.dispatch_range(0..8, NOOP, &[])?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for _ in 0..WARM_UP {
+        task()?;
+        message()?;
     }
+    let (mut empty, mut msgs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let blocks = BLOCKS.min(n);
+    for b in 0..blocks {
+        let len = n * (b + 1) / blocks - n * b / blocks;
+        for _ in 0..len {
+            empty.push(task()?);
+        }
+        for _ in 0..len {
+            msgs.push(message()?);
+        }
+    }
+    // Closing only once the echo has answered everything, so that no send of either
+    // side is still in flight.
+    conn.send(END)?.wait()?;
+    conn.recv_timeout(Duration::from_secs(10))?
+        .ok_or("the echo did not answer the end")?;
     echo.join().map_err(|_| "echo thread panicked")??;
-    Ok(median(&mut v))
+    Ok((median(&mut empty), median(&mut msgs)))
 }

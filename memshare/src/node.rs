@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,9 @@ use pfs_transport::{Connection, Endpoint, EndpointConfig, Region, RegionKey, Rig
 use crate::buffer::SharedBuffer;
 use crate::config::NodeConfig;
 use crate::error::{Error, RemoteError, Result};
+use crate::link::{Link, Slot, poll_here};
 use crate::membership::{self, Event, State};
+use crate::pool::Pool;
 use crate::striped::StripedArray;
 use crate::task::{LocalRegionView, TaskError, TaskFn};
 use crate::wire::{self, DirEntry, Msg, Request, StripeInfo};
@@ -31,7 +34,7 @@ const EVENTS: usize = 4096;
 /// trying again.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(300);
 /// How often blocked threads look at the stop flag.
-const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 /// How long shutdown waits for the node's threads.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 /// Largest single one-sided operation a copy issues.
@@ -39,9 +42,6 @@ pub(crate) const CHUNK: u64 = 1 << 20;
 /// Bytes of a third-party copy in flight at once; each such round has the operation
 /// deadline.
 pub(crate) const COPY_WINDOW: u64 = 64 << 20;
-
-/// What a request yields, as the remote node reported it.
-type Answer = std::result::Result<Vec<u8>, RemoteError>;
 
 /// A region this node exports.
 #[derive(Debug, Clone)]
@@ -73,15 +73,16 @@ pub(crate) struct Inner {
     /// Small staging regions for remote reads and writes, reused.
     pub staging: Mutex<Vec<Region>>,
     /// Connections this node opened, by peer address.
-    conns: Mutex<HashMap<String, Arc<Connection>>>,
+    conns: Mutex<HashMap<String, Arc<Link>>>,
     /// Serialises connection set-up per address.
     connecting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Connections peers opened to this node, by connection id.
-    incoming: Mutex<HashMap<u64, Arc<Connection>>>,
-    pending: Mutex<HashMap<u64, SyncSender<Answer>>>,
+    incoming: Mutex<HashMap<u64, Arc<Link>>>,
+    /// Callers waiting for answers, by request id.
+    pending: Mutex<HashMap<u64, Arc<Slot>>>,
     next_req: AtomicU64,
     pub running: AtomicUsize,
-    pool: Pool,
+    pub(crate) pool: Pool,
     pub stop: AtomicBool,
     events: SyncSender<Event>,
     outbox: SyncSender<Out>,
@@ -136,15 +137,15 @@ impl Inner {
         let gone = {
             let mut m = self.conns.lock().expect("conns lock poisoned");
             if m.get(addr)
-                .is_some_and(|c| c.peer_id() == id || c.is_closed())
+                .is_some_and(|l| l.conn.peer_id() == id || l.conn.is_closed())
             {
                 m.remove(addr)
             } else {
                 None
             }
         };
-        if let Some(c) = gone {
-            c.close();
+        if let Some(l) = gone {
+            l.conn.close();
         }
     }
 
@@ -156,6 +157,11 @@ impl Inner {
         owner: u64,
         name: &str,
     ) -> Result<Arc<Connection>> {
+        self.link(addr, owner, name).map(|l| l.conn.clone())
+    }
+
+    /// [`connection`](Inner::connection), with who reads it.
+    fn link(self: &Arc<Self>, addr: &str, owner: u64, name: &str) -> Result<Arc<Link>> {
         let down = |reason: String| Error::OwnerDown {
             name: name.to_string(),
             owner,
@@ -186,19 +192,19 @@ impl Inner {
             .ep
             .connect(addr)
             .map_err(|e| down(format!("cannot connect: {e}")))?;
-        let conn = Arc::new(conn);
+        let link = Link::new(self, Arc::new(conn), false);
         self.conns
             .lock()
             .expect("conns lock poisoned")
-            .insert(addr.to_string(), conn.clone());
-        self.spawn_reader(conn.clone(), false);
-        check_peer(conn, owner).map_err(down)
+            .insert(addr.to_string(), link.clone());
+        self.start_reader(link.clone(), 0, None);
+        check_peer(link, owner).map_err(down)
     }
 
-    fn cached(&self, addr: &str) -> Option<Arc<Connection>> {
+    fn cached(&self, addr: &str) -> Option<Arc<Link>> {
         let mut m = self.conns.lock().expect("conns lock poisoned");
         match m.get(addr) {
-            Some(c) if !c.is_closed() => Some(c.clone()),
+            Some(l) if !l.conn.is_closed() => Some(l.clone()),
             Some(_) => {
                 m.remove(addr);
                 None
@@ -207,24 +213,32 @@ impl Inner {
         }
     }
 
-    fn spawn_reader(self: &Arc<Self>, conn: Arc<Connection>, incoming: bool) {
-        let inner = self.clone();
-        let h = std::thread::Builder::new()
-            .name("pfs-ms-reader".into())
-            .spawn(move || reader(inner, conn, incoming));
-        match h {
-            Ok(h) => self.keep(h),
-            Err(e) => tracing::warn!("cannot start a reader thread: {e}"),
+    /// Forget a connection whose reader saw it close.
+    pub(crate) fn forget_link(&self, link: &Arc<Link>) {
+        if link.incoming {
+            let mut m = self.incoming.lock().expect("incoming lock poisoned");
+            if m.get(&link.conn.id()).is_some_and(|l| Arc::ptr_eq(l, link)) {
+                m.remove(&link.conn.id());
+            }
+        } else {
+            self.conns
+                .lock()
+                .expect("conns lock poisoned")
+                .retain(|_, l| !Arc::ptr_eq(l, link));
         }
     }
 
-    fn keep(&self, h: JoinHandle<()>) {
+    pub(crate) fn keep(&self, h: JoinHandle<()>) {
         let mut t = self.threads.lock().expect("threads lock poisoned");
         t.retain(|h| !h.is_finished());
         t.push(h);
     }
 
     /// Send a request to node `owner` at `addr` and wait for its answer.
+    ///
+    /// While it waits, the caller reads the connection itself (unless another caller
+    /// on the same connection already does): the answer then wakes this thread
+    /// directly, with no hand-off through the connection's reader.
     pub(crate) fn request(
         self: &Arc<Self>,
         addr: &str,
@@ -233,7 +247,8 @@ impl Inner {
         req: Request,
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        let conn = self.connection(addr, owner, name)?;
+        let link = self.link(addr, owner, name)?;
+        let conn = &link.conn;
         let node = conn.peer_id();
         let what = req.what();
         let task = match &req {
@@ -241,11 +256,11 @@ impl Inner {
             _ => String::new(),
         };
         let id = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
+        let slot = Arc::new(Slot::new());
         self.pending
             .lock()
             .expect("pending lock poisoned")
-            .insert(id, tx);
+            .insert(id, slot.clone());
         let _forget = Forget(self, id);
         let down = |reason: String| Error::OwnerDown {
             name: name.to_string(),
@@ -258,15 +273,35 @@ impl Inner {
             pfs_transport::Error::ConnectionLost { .. } => down(e.to_string()),
             e => Error::transport(format!("sending the request for {what}"), e),
         };
-        // The send's completion (the peer queued it) is not awaited before the answer:
-        // that would add a round trip. Its failure is noticed while waiting.
+        // The answer is not held back for the send's completion (the peer queued it);
+        // the completion, or its failure, is noticed while waiting for the answer.
         let mut sent = Some(
             conn.send(&wire::encode(&Msg::Request { id, req }))
                 .map_err(send_error)?,
         );
+        let mut lead = None;
+        let mut parked = false;
         loop {
+            if let Some(r) = slot.take() {
+                return r.map_err(|e| remote_error(e, node, name, &what, &task));
+            }
+            if lead.is_none() {
+                lead = link.lead(self);
+            }
+            if let Some(l) = &lead {
+                match l.poll() {
+                    Poll::Ready(Ok(m)) => {
+                        self.handle(&link, &m, None);
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        return Err(down("the connection closed before the answer came".into()));
+                    }
+                    Poll::Pending => {}
+                }
+            }
             if let Some(op) = sent.as_mut()
-                && let Some(r) = op.poll_result()
+                && let Poll::Ready(r) = poll_here(op)
             {
                 sent = None;
                 r.map_err(send_error)?;
@@ -278,21 +313,20 @@ impl Inner {
                     after: timeout,
                 });
             }
-            let slice = if sent.is_some() { POLL / 10 } else { POLL };
-            match rx.recv_timeout((deadline - now).min(slice)) {
-                Ok(r) => return r.map_err(|e| remote_error(e, node, name, &what, &task)),
-                Err(_) => {
-                    if conn.is_closed() {
-                        return Err(down("the connection closed before the answer came".into()));
-                    }
-                    if self.lock_state().is_down(node) {
-                        return Err(down("failure detection marked it down".into()));
-                    }
-                    if self.stop.load(Ordering::Relaxed) {
-                        return Err(Error::Shutdown);
-                    }
+            if parked {
+                if conn.is_closed() {
+                    return Err(down("the connection closed before the answer came".into()));
+                }
+                if self.lock_state().is_down(node) {
+                    return Err(down("failure detection marked it down".into()));
+                }
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(Error::Shutdown);
                 }
             }
+            // Woken by the answer, the send's completion, or a message to read.
+            std::thread::park_timeout((deadline - now).min(POLL));
+            parked = true;
         }
     }
 
@@ -368,7 +402,10 @@ impl Inner {
     }
 
     /// Answer a request from another node.
-    fn serve(self: &Arc<Self>, req: Request) -> std::result::Result<Vec<u8>, RemoteError> {
+    pub(crate) fn serve(
+        self: &Arc<Self>,
+        req: Request,
+    ) -> std::result::Result<Vec<u8>, RemoteError> {
         match req {
             Request::Task {
                 name,
@@ -546,85 +583,6 @@ impl Inner {
     }
 }
 
-/// A job for the worker pool.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Worker threads that run requests (tasks, copies, exports) and local dispatches,
-/// started on demand up to twice `max_concurrent_tasks` and kept for the next one.
-struct Pool {
-    tx: Mutex<Sender<Job>>,
-    rx: Arc<Mutex<Receiver<Job>>>,
-    workers: AtomicUsize,
-    idle: AtomicUsize,
-    queued: AtomicUsize,
-}
-
-impl Pool {
-    fn new() -> Pool {
-        let (tx, rx) = mpsc::channel();
-        Pool {
-            tx: Mutex::new(tx),
-            rx: Arc::new(Mutex::new(rx)),
-            workers: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl Inner {
-    /// Run `job` on a pool worker (starting one if none is free).
-    pub(crate) fn run_job(self: &Arc<Self>, job: Job) -> Result<()> {
-        let p = &self.pool;
-        let queued = p.queued.fetch_add(1, Ordering::AcqRel) + 1;
-        if queued > p.idle.load(Ordering::Acquire)
-            && p.workers.load(Ordering::Acquire) < 2 * self.cfg.max_concurrent_tasks
-        {
-            p.workers.fetch_add(1, Ordering::AcqRel);
-            p.idle.fetch_add(1, Ordering::AcqRel);
-            let inner = self.clone();
-            let h = std::thread::Builder::new()
-                .name("pfs-ms-worker".into())
-                .spawn(move || worker(inner));
-            match h {
-                Ok(h) => self.keep(h),
-                Err(e) => {
-                    p.workers.fetch_sub(1, Ordering::AcqRel);
-                    p.idle.fetch_sub(1, Ordering::AcqRel);
-                    if p.workers.load(Ordering::Acquire) == 0 {
-                        p.queued.fetch_sub(1, Ordering::AcqRel);
-                        return Err(Error::InvalidArgument(format!(
-                            "cannot start a worker thread: {e}"
-                        )));
-                    }
-                }
-            }
-        }
-        if p.tx.lock().expect("pool lock poisoned").send(job).is_err() {
-            p.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Shutdown);
-        }
-        Ok(())
-    }
-}
-
-fn worker(inner: Arc<Inner>) {
-    let p = &inner.pool;
-    while !inner.stop.load(Ordering::Relaxed) {
-        let job = p.rx.lock().expect("pool lock poisoned").recv_timeout(POLL);
-        match job {
-            Ok(job) => {
-                p.queued.fetch_sub(1, Ordering::AcqRel);
-                p.idle.fetch_sub(1, Ordering::AcqRel);
-                job();
-                p.idle.fetch_add(1, Ordering::AcqRel);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-}
-
 /// Removes a pending request when the waiter leaves.
 struct Forget<'a>(&'a Inner, u64);
 
@@ -638,14 +596,14 @@ impl Drop for Forget<'_> {
     }
 }
 
-fn check_peer(c: Arc<Connection>, owner: u64) -> std::result::Result<Arc<Connection>, String> {
-    if owner != 0 && c.peer_id() != owner {
+fn check_peer(l: Arc<Link>, owner: u64) -> std::result::Result<Arc<Link>, String> {
+    if owner != 0 && l.conn.peer_id() != owner {
         return Err(format!(
             "a different node ({:016x}) now listens at its address",
-            c.peer_id()
+            l.conn.peer_id()
         ));
     }
-    Ok(c)
+    Ok(l)
 }
 
 pub(crate) fn remote_error(e: RemoteError, node: u64, name: &str, what: &str, task: &str) -> Error {
@@ -737,80 +695,72 @@ pub(crate) fn run_task(
     }
 }
 
-fn reader(inner: Arc<Inner>, conn: Arc<Connection>, incoming: bool) {
-    loop {
-        if inner.stop.load(Ordering::Relaxed) {
-            break;
-        }
-        match conn.recv_timeout(POLL) {
-            Ok(Some(m)) => handle(&inner, &conn, &m),
-            Ok(None) => {}
-            Err(_) => break,
-        }
-    }
-    if incoming {
-        inner
-            .incoming
-            .lock()
-            .expect("incoming lock poisoned")
-            .remove(&conn.id());
-    } else {
-        let mut m = inner.conns.lock().expect("conns lock poisoned");
-        if let Some(k) = m
-            .iter()
-            .find(|(_, c)| Arc::ptr_eq(c, &conn))
-            .map(|(k, _)| k.clone())
-        {
-            m.remove(&k);
-        }
-    }
-}
-
-fn handle(inner: &Arc<Inner>, conn: &Arc<Connection>, data: &[u8]) {
-    let Some(msg) = wire::decode(data) else {
-        tracing::debug!("undecodable message from {} ignored", conn.peer_addr());
-        return;
-    };
-    match msg {
-        Msg::Gossip(d) => inner.event(Event::Gossip(d)),
-        Msg::Directory(entries) => {
-            let mut st = inner.lock_state();
-            for e in entries {
-                st.merge(e);
+impl Inner {
+    /// Handle a message that arrived on `link`. `reader` is the reader generation of
+    /// the calling thread when it is the connection's reader (which runs requests
+    /// itself); `None` for a caller reading while it waits (which hands them to a
+    /// worker). Returns whether the caller still reads the connection.
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        data: &[u8],
+        reader: Option<u64>,
+    ) -> bool {
+        let conn = &link.conn;
+        let Some(msg) = wire::decode(data) else {
+            tracing::debug!("undecodable message from {} ignored", conn.peer_addr());
+            return true;
+        };
+        match msg {
+            Msg::Gossip(d) => self.event(Event::Gossip(d)),
+            Msg::Directory(entries) => {
+                let mut st = self.lock_state();
+                for e in entries {
+                    st.merge(e);
+                }
+            }
+            Msg::Response { id, result } => {
+                let slot = self
+                    .pending
+                    .lock()
+                    .expect("pending lock poisoned")
+                    .get(&id)
+                    .cloned();
+                if let Some(slot) = slot {
+                    slot.put(result);
+                }
+            }
+            Msg::Request { id, req } => {
+                let limit = self.cfg.max_concurrent_tasks;
+                if self.running.fetch_add(1, Ordering::AcqRel) >= limit {
+                    self.running.fetch_sub(1, Ordering::AcqRel);
+                    respond(conn, id, Err(RemoteError::Busy(limit)));
+                    return true;
+                }
+                if let Some(generation) = reader {
+                    return self.serve_inline(link, generation, id, req);
+                }
+                let (i, c) = (self.clone(), conn.clone());
+                let job = Box::new(move || {
+                    let r = i.serve(req);
+                    i.running.fetch_sub(1, Ordering::AcqRel);
+                    respond(&c, id, r);
+                });
+                if let Err(e) = self.run_job(job) {
+                    self.running.fetch_sub(1, Ordering::AcqRel);
+                    respond(conn, id, Err(RemoteError::Other(e.to_string())));
+                }
             }
         }
-        Msg::Response { id, result } => {
-            if let Some(tx) = inner
-                .pending
-                .lock()
-                .expect("pending lock poisoned")
-                .get(&id)
-            {
-                let _ = tx.try_send(result);
-            }
-        }
-        Msg::Request { id, req } => {
-            let limit = inner.cfg.max_concurrent_tasks;
-            if inner.running.fetch_add(1, Ordering::AcqRel) >= limit {
-                inner.running.fetch_sub(1, Ordering::AcqRel);
-                respond(conn, id, Err(RemoteError::Busy(limit)));
-                return;
-            }
-            let (i, c) = (inner.clone(), conn.clone());
-            let job = Box::new(move || {
-                let r = i.serve(req);
-                i.running.fetch_sub(1, Ordering::AcqRel);
-                respond(&c, id, r);
-            });
-            if let Err(e) = inner.run_job(job) {
-                inner.running.fetch_sub(1, Ordering::AcqRel);
-                respond(conn, id, Err(RemoteError::Other(e.to_string())));
-            }
-        }
+        true
     }
 }
 
-fn respond(conn: &Connection, id: u64, result: std::result::Result<Vec<u8>, RemoteError>) {
+pub(crate) fn respond(
+    conn: &Connection,
+    id: u64,
+    result: std::result::Result<Vec<u8>, RemoteError>,
+) {
     let msg = wire::encode(&Msg::Response { id, result });
     if let Err(e) = conn.send(&msg) {
         tracing::debug!("answer to {} lost: {e}", conn.peer_addr());
@@ -821,13 +771,13 @@ fn acceptor(inner: Arc<Inner>) {
     while !inner.stop.load(Ordering::Relaxed) {
         match inner.ep.accept_timeout(POLL) {
             Ok(Some(c)) => {
-                let c = Arc::new(c);
+                let link = Link::new(&inner, Arc::new(c), true);
                 inner
                     .incoming
                     .lock()
                     .expect("incoming lock poisoned")
-                    .insert(c.id(), c.clone());
-                inner.spawn_reader(c, true);
+                    .insert(link.conn.id(), link.clone());
+                inner.start_reader(link, 0, None);
             }
             Ok(None) => {}
             Err(e) => {
@@ -864,8 +814,8 @@ fn sender(inner: Arc<Inner>, rx: Receiver<Out>) {
     while !inner.stop.load(Ordering::Relaxed) {
         match rx.recv_timeout(POLL) {
             Ok(Out::Send(addr, msg)) => {
-                if let Some(c) = inner.cached(&addr) {
-                    send(&c, &addr, &msg);
+                if let Some(l) = inner.cached(&addr) {
+                    send(&l.conn, &addr, &msg);
                     continue;
                 }
                 if failed
@@ -902,10 +852,10 @@ fn sender(inner: Arc<Inner>, rx: Receiver<Out>) {
             Ok(Out::Connected(addr, ok)) => {
                 let msgs = held.remove(&addr).unwrap_or_default();
                 match (ok, inner.cached(&addr)) {
-                    (true, Some(c)) => {
+                    (true, Some(l)) => {
                         failed.remove(&addr);
                         for m in msgs {
-                            send(&c, &addr, &m);
+                            send(&l.conn, &addr, &m);
                         }
                     }
                     _ => {

@@ -346,6 +346,85 @@ fn tasks_run_at_the_owner_with_typed_errors() {
     );
 }
 
+/// The owner runs a task on the thread that read its request; a long one must hold up
+/// nothing that comes behind it on the same connection: other requests, and membership
+/// traffic (or the owner would take the caller for dead).
+fn a_long_task_holds_up_nothing(scheme: &str) {
+    let nodes = cluster(2, scheme, |c| c);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let owned = a.export("slow", 8 * 1000, Rights::ALL).unwrap();
+    owned
+        .write_u64s(0, &(0..1000).collect::<Vec<u64>>())
+        .unwrap();
+    let remote = b.open_timeout("slow", JOIN).unwrap();
+    // Longer than failure detection takes to find a dead node.
+    let sleep = fast_fd().detection_bound(2) + Duration::from_millis(500);
+    std::thread::scope(|s| {
+        let long = s.spawn(|| remote.dispatch("sleeps", &(sleep.as_millis() as u64).to_le_bytes()));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut quick = 0;
+        while !long.is_finished() {
+            let t = Instant::now();
+            assert_eq!(sum_of(&remote.dispatch("sum", &[]).unwrap()), 499_500);
+            assert_eq!(remote.read_u64s(999, 1).unwrap(), vec![999]);
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "{scheme}: a short task waited {:?} behind a long one",
+                t.elapsed()
+            );
+            assert!(!a.is_down(b.id()) && !b.is_down(a.id()), "{scheme}");
+            quick += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        long.join().unwrap().unwrap();
+        assert!(
+            quick >= 10,
+            "{scheme}: only {quick} short tasks ran meanwhile"
+        );
+    });
+    // Many callers at once over the same connection: one reads it while it waits and
+    // hands the others their answers.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    assert_eq!(sum_of(&remote.dispatch("sum", &[]).unwrap()), 499_500);
+                }
+            });
+        }
+    });
+    assert!(!a.is_down(b.id()) && !b.is_down(a.id()), "{scheme}");
+}
+
+#[test]
+fn a_long_task_holds_up_nothing_tcp() {
+    a_long_task_holds_up_nothing("tcp");
+}
+
+#[test]
+fn a_long_task_holds_up_nothing_udp() {
+    a_long_task_holds_up_nothing("udp");
+}
+
+#[test]
+fn an_owner_refuses_requests_beyond_its_limit() {
+    let nodes = cluster(2, "tcp", |c| c.max_concurrent_tasks(1));
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.export("one-at-a-time", 64, Rights::ALL).unwrap();
+    let remote = b.open_timeout("one-at-a-time", JOIN).unwrap();
+    std::thread::scope(|s| {
+        let long = s.spawn(|| remote.dispatch("sleeps", &1000u64.to_le_bytes()));
+        std::thread::sleep(Duration::from_millis(200));
+        let e = remote.dispatch("sum", &[]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Remote { message, .. } if message.contains("busy")),
+            "{e:?}"
+        );
+        long.join().unwrap().unwrap();
+    });
+    assert_eq!(sum_of(&remote.dispatch("sum", &[]).unwrap()), 0);
+}
+
 #[test]
 fn striped_array_global_addressing_and_map_reduce() {
     let nodes = cluster(3, "tcp", |c| c);
