@@ -343,6 +343,7 @@ impl EndpointInner {
             },
             #[cfg(feature = "rdma")]
             BackendKind::Rdma => self.add_rdma(None),
+            #[allow(unreachable_patterns)]
             other => Err(Error::Unsupported {
                 reason: format!("no {other} engine in this endpoint"),
             }),

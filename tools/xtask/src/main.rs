@@ -4,7 +4,8 @@
 //!   `pfs-bench` over every backend this machine can run, side by side with iperf3 and
 //!   sockperf (interleaved), and ends with the reality check.
 //! * `cargo xtask test` — everything CI runs: formatting, clippy, licences, every test
-//!   tier, the chaos test, and a quick run of the main job; prints the time of each phase.
+//!   tier (the rdma conformance suite inside the soft-RoCE VM of `tools/rdma-vm.sh`), the
+//!   chaos test, and a quick run of the main job; prints the time of each phase.
 //! * `cargo xtask fuzz [--seconds N]` — build the AFL++ fuzz targets in `fuzz/` and run
 //!   each for N seconds (default 25) from its committed corpus; fails on any crash or hang.
 //! * `cargo xtask memcheck` — the unsafe-code audit: `transport/tests/memcheck.rs` under
@@ -26,8 +27,9 @@ const USAGE: &str =
   bench      the main job: pfs-bench on every available backend, side by side with
              iperf3 and sockperf (interleaved, median ratio), ending in the reality check
              --quick   shorter runs (a smoke test of the main job)
-  test       fmt, clippy, licences, all tests, the 2-minute chaos test (as root), a
-             short fuzz run and a quick main job; prints phase times
+  test       fmt, clippy, licences, all tests (rdma's inside the soft-RoCE VM, as
+             root), the 2-minute chaos test (as root), a short fuzz run and a quick
+             main job; prints phase times
   fuzz       run every fuzz target (AFL++, stable toolchain) for --seconds N each
              (default 25); installs cargo-afl if missing; fails on a crash or hang
   chaos      the chaos test for --seconds N (default 120): node processes killed and
@@ -158,6 +160,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/libelf.h", "libelf-dev"),
     ("/usr/include/zlib.h", "zlib1g-dev"),
     ("/usr/include/pcap/pcap.h", "libpcap-dev"),
+    // The rdma feature: rdma-sys generates its bindings with bindgen (libclang) from the
+    // verbs and rdma_cm headers, and links libibverbs and librdmacm.
+    ("/usr/include/infiniband/verbs.h", "libibverbs-dev"),
+    ("/usr/include/rdma/rdma_cma.h", "librdmacm-dev"),
+    ("/usr/lib/llvm-*/lib/libclang.so", "libclang-dev"),
     // pfs-bench info: NUMA placement of NICs through hwloc.
     ("/usr/include/hwloc.h", "libhwloc-dev"),
     ("/usr/include/libudev.h", "libudev-dev"),
@@ -169,10 +176,22 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 fn installed(probe: &str) -> bool {
-    if probe.starts_with('/') {
-        Path::new(probe).exists()
-    } else {
-        have(probe)
+    match probe.split_once('*') {
+        // One `*` in a directory name: /usr/lib/llvm-*/lib/libclang.so.
+        Some((head, tail)) => {
+            let (dir, prefix) = head.rsplit_once('/').unwrap_or(("/", head));
+            let (suffix, rest) = tail.split_once('/').unwrap_or((tail, ""));
+            std::fs::read_dir(if dir.is_empty() { "/" } else { dir })
+                .map(|entries| {
+                    entries.flatten().any(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.starts_with(prefix) && n.ends_with(suffix) && e.path().join(rest).exists()
+                    })
+                })
+                .unwrap_or(false)
+        }
+        None if probe.starts_with('/') => Path::new(probe).exists(),
+        None => have(probe),
     }
 }
 
@@ -310,6 +329,33 @@ fn bench(quick: bool) -> R {
             &task_json.to_string_lossy(),
         ],
     )?;
+    // rdma: PacketFS against perftest on the same soft-RoCE devices, in the VM.
+    let rdma_json = out.join("rdma.json");
+    if is_root() {
+        run(&rdma_vm(), &["setup"])?;
+        run(
+            &rdma_vm(),
+            &[
+                "run",
+                "--timeout",
+                "900",
+                "--rwdir",
+                &out.to_string_lossy(),
+                "--",
+                &bin,
+                "rdma",
+                "--rounds",
+                if quick { "1" } else { "3" },
+                "--json",
+                &rdma_json.to_string_lossy(),
+            ],
+        )?;
+    } else {
+        println!(
+            "\nSKIPPED the rdma run (PacketFS against ib_write_bw and ib_read_lat on \
+             soft-RoCE): the VM needs root to set up"
+        );
+    }
     let (pairs, secs) = if quick { ("1", "1s") } else { ("3", "3s") };
     run(
         &bin,
@@ -451,6 +497,8 @@ fn test() -> R {
                 &["test", "--release", "--workspace", "--all-features"],
             )
         })?;
+        // Tier 2 over rdma: the conformance suite between two soft-RoCE devices in a VM.
+        p.run("rdma (soft-RoCE VM)", rdma_tests)?;
         // Peer kills and packet loss against every backend, as root (2 minutes).
         p.run("chaos", || chaos(CHAOS_SECONDS, is_root()))?;
         p.run("memcheck (valgrind)", memcheck)?;
@@ -468,6 +516,69 @@ fn test() -> R {
     })();
     p.print();
     r
+}
+
+/// The path of a test binary of the workspace, built in release mode with every feature
+/// (as the tests phase builds them, so nothing is rebuilt).
+fn test_binary(name: &str) -> Result<String, String> {
+    let out = Command::new(cargo())
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--all-features",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cargo test --no-run: {e}"))?;
+    if !out.status.success() {
+        return Err("building the test binaries failed".into());
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let t = &v["target"];
+        if t["name"] == name
+            && t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+            && let Some(exe) = v["executable"].as_str()
+        {
+            return Ok(exe.to_string());
+        }
+    }
+    Err(format!("no test binary named {name}"))
+}
+
+fn rdma_vm() -> String {
+    root()
+        .join("tools/rdma-vm.sh")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The conformance suite over rdma (`transport/tests/rdma.rs`) inside the soft-RoCE VM
+/// of `tools/rdma-vm.sh`: rxe0 and rxe1 on the two ends of a veth pair. Needs root
+/// (packages, the guest kernel); without it, one loud line and nothing else.
+fn rdma_tests() -> R {
+    if !is_root() {
+        println!(
+            "SKIPPED: the rdma tests run in a soft-RoCE VM that tools/rdma-vm.sh sets up as \
+             root (packages, guest kernel): run as root"
+        );
+        return Ok(());
+    }
+    let vm = rdma_vm();
+    run(&vm, &["setup"])?;
+    let bin = test_binary("rdma")?;
+    run(
+        &vm,
+        &["run", "--timeout", "1200", "--", &bin, "--test-threads=1"],
+    )
 }
 
 /// Seconds each fuzz target runs in `cargo xtask test`.

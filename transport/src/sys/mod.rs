@@ -251,9 +251,7 @@ pub(crate) fn deadline_now() -> std::time::Instant {
     }
     let c = coarse_ns();
     BASE.with(|b| match b.get() {
-        Some((c0, i0)) if c >= c0 && c - c0 < 1_000_000_000 => {
-            i0 + Duration::from_nanos(c - c0)
-        }
+        Some((c0, i0)) if c >= c0 && c - c0 < 1_000_000_000 => i0 + Duration::from_nanos(c - c0),
         _ => {
             let i = Instant::now();
             b.set(Some((c, i)));
