@@ -444,60 +444,36 @@ impl CmId {
 
     /// Post a chain of send work requests.
     pub(crate) fn post_send(&self, wrs: &mut [SendWr]) -> io::Result<()> {
-        if wrs.is_empty() {
-            return Ok(());
-        }
-        let n = wrs.len();
-        let mut sges: Vec<rs::ibv_sge> = wrs
-            .iter()
-            .map(|w| rs::ibv_sge {
-                addr: w.sge.addr,
-                length: w.sge.length,
-                lkey: w.sge.lkey,
-            })
-            .collect();
-        // SAFETY: plain C structs, zero-initialised, then filled field by field.
-        let mut raw: Vec<rs::ibv_send_wr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for i in 0..n {
-            let w = &wrs[i];
-            let r = &mut raw[i];
-            r.wr_id = w.wr_id;
-            r.opcode = w.opcode;
-            r.send_flags = w.flags;
-            r.num_sge = if w.sge.length == 0 { 0 } else { 1 };
-            r.sg_list = &mut sges[i];
-            match w.remote {
-                Remote::None => {}
-                Remote::Rdma { addr, rkey } => {
-                    r.wr.rdma = rs::rdma_t {
-                        remote_addr: addr,
-                        rkey,
-                    }
+        match wrs.len() {
+            0 => Ok(()),
+            // The common case of one request, with nothing allocated.
+            1 => {
+                let mut sge = raw_sge(&wrs[0]);
+                let mut raw = raw_wr(&wrs[0], &mut sge);
+                self.post_raw(&mut raw)
+            }
+            n => {
+                let mut sges: Vec<rs::ibv_sge> = wrs.iter().map(raw_sge).collect();
+                let mut raw: Vec<rs::ibv_send_wr> = wrs
+                    .iter()
+                    .zip(sges.iter_mut())
+                    .map(|(w, sge)| raw_wr(w, sge))
+                    .collect();
+                for i in 0..n - 1 {
+                    let next: *mut rs::ibv_send_wr = &mut raw[i + 1];
+                    raw[i].next = next;
                 }
-                Remote::Atomic {
-                    addr,
-                    rkey,
-                    compare_add,
-                    swap,
-                } => {
-                    r.wr.atomic = rs::atomic_t {
-                        remote_addr: addr,
-                        compare_add,
-                        swap,
-                        rkey,
-                    }
-                }
+                self.post_raw(&mut raw[0])
             }
         }
-        for i in 0..n.saturating_sub(1) {
-            let next: *mut rs::ibv_send_wr = &mut raw[i + 1];
-            raw[i].next = next;
-        }
+    }
+
+    fn post_raw(&self, first: &mut rs::ibv_send_wr) -> io::Result<()> {
         let mut bad: *mut rs::ibv_send_wr = ptr::null_mut();
         // SAFETY: a live QP; the chain and its SGEs live until the call returns, which is
         // all the verbs need (inline data is copied, other SGEs name registered memory
         // the engine keeps alive until the completion).
-        let r = unsafe { rs::ibv_post_send(self.qp(), raw.as_mut_ptr(), &mut bad) };
+        let r = unsafe { rs::ibv_post_send(self.qp(), first, &mut bad) };
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
@@ -597,6 +573,48 @@ pub(crate) const INLINE: u32 = rs::ibv_send_flags::IBV_SEND_INLINE.0;
 pub(crate) const WC_SUCCESS: u32 = rs::ibv_wc_status::IBV_WC_SUCCESS;
 pub(crate) const WC_FLUSH: u32 = rs::ibv_wc_status::IBV_WC_WR_FLUSH_ERR;
 pub(crate) const WC_REM_ACCESS: u32 = rs::ibv_wc_status::IBV_WC_REM_ACCESS_ERR;
+
+fn raw_sge(w: &SendWr) -> rs::ibv_sge {
+    rs::ibv_sge {
+        addr: w.sge.addr,
+        length: w.sge.length,
+        lkey: w.sge.lkey,
+    }
+}
+
+/// The verbs form of `w`, its buffer described by `sge` (which must outlive the post).
+fn raw_wr(w: &SendWr, sge: &mut rs::ibv_sge) -> rs::ibv_send_wr {
+    // SAFETY: a plain C struct; zero is valid for every field (null pointers, no flags).
+    let mut r: rs::ibv_send_wr = unsafe { std::mem::zeroed() };
+    r.wr_id = w.wr_id;
+    r.opcode = w.opcode;
+    r.send_flags = w.flags;
+    r.num_sge = i32::from(w.sge.length != 0);
+    r.sg_list = sge;
+    match w.remote {
+        Remote::None => {}
+        Remote::Rdma { addr, rkey } => {
+            r.wr.rdma = rs::rdma_t {
+                remote_addr: addr,
+                rkey,
+            }
+        }
+        Remote::Atomic {
+            addr,
+            rkey,
+            compare_add,
+            swap,
+        } => {
+            r.wr.atomic = rs::atomic_t {
+                remote_addr: addr,
+                compare_add,
+                swap,
+                rkey,
+            }
+        }
+    }
+    r
+}
 
 pub(crate) fn sge(addr: u64, length: u32, lkey: u32) -> Sge {
     Sge { addr, length, lkey }
@@ -836,17 +854,20 @@ impl Cq {
         self.0.as_ptr()
     }
 
-    /// Poll up to `out.len()` completions.
+    /// Poll up to `max` (at most 32) completions into `out`.
     pub(crate) fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {
-        // SAFETY: plain C structs, zeroed.
-        let mut wc: [rs::ibv_wc; 32] = unsafe { std::mem::zeroed() };
-        let n = max.min(wc.len()) as i32;
-        // SAFETY: a live CQ and room for `n` completions.
-        let got = unsafe { rs::ibv_poll_cq(self.raw(), n, wc.as_mut_ptr()) };
+        let mut wc = std::mem::MaybeUninit::<[rs::ibv_wc; 32]>::uninit();
+        let n = max.min(32) as i32;
+        // SAFETY: a live CQ and room for `n` completions; the provider writes the first
+        // `got` entries whole.
+        let got = unsafe { rs::ibv_poll_cq(self.raw(), n, wc.as_mut_ptr().cast()) };
         if got <= 0 {
             return 0;
         }
-        for w in &wc[..got as usize] {
+        // SAFETY: entries 0..got were written by ibv_poll_cq (plain data).
+        let wc =
+            unsafe { std::slice::from_raw_parts(wc.as_ptr().cast::<rs::ibv_wc>(), got as usize) };
+        for w in wc {
             out.push(Wc {
                 wr_id: w.wr_id,
                 status: w.status,

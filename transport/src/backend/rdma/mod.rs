@@ -319,6 +319,9 @@ struct State {
     next_key: u64,
     last_tick: Instant,
     last_cm: Instant,
+    /// Connections not up yet (their events are looked for more often).
+    setting_up: usize,
+    scratch_keys: Vec<u64>,
     /// The clock at the last pass that read it.
     now: Instant,
     passes: u64,
@@ -326,8 +329,16 @@ struct State {
 }
 
 impl State {
-    fn setting_up(&self) -> bool {
-        self.conns.values().any(|c| c.phase != Phase::Up)
+    /// The connections' keys, without allocating on every pass.
+    fn keys(&mut self) -> Vec<u64> {
+        let mut v = std::mem::take(&mut self.scratch_keys);
+        v.clear();
+        v.extend(self.conns.keys().copied());
+        v
+    }
+
+    fn give_back_keys(&mut self, v: Vec<u64>) {
+        self.scratch_keys = v;
     }
 }
 
@@ -414,6 +425,8 @@ impl RdmaEngine {
                 next_key: 1,
                 last_tick: Instant::now(),
                 last_cm: Instant::now(),
+                setting_up: 0,
+                scratch_keys: Vec::new(),
                 now: Instant::now(),
                 passes: 0,
                 wcs: Vec::with_capacity(64),
@@ -453,7 +466,9 @@ impl RdmaEngine {
     /// deadlines.
     fn pass(&self, st: &mut State) -> usize {
         let mut work = 0;
-        if self.ctl_pending.swap(false, Ordering::SeqCst) {
+        if self.ctl_pending.load(Ordering::Relaxed)
+            && self.ctl_pending.swap(false, Ordering::SeqCst)
+        {
             let cs = std::mem::take(&mut *self.ctl.lock().expect("ctl lock"));
             work += cs.len();
             for c in cs {
@@ -465,12 +480,14 @@ impl RdmaEngine {
         // connections are up: look for them every millisecond (a system call each
         // time), or every pass while one is being set up.
         st.passes = st.passes.wrapping_add(1);
-        let setting_up = st.setting_up();
-        let timed = self.sleeps || setting_up || st.passes.is_multiple_of(1024);
+        let every = if st.setting_up > 0 { 16 } else { 1024 };
+        let timed = self.sleeps || st.passes.is_multiple_of(every);
         if timed {
             st.now = Instant::now();
         }
-        if setting_up || (timed && st.now.duration_since(st.last_cm) >= Duration::from_millis(1)) {
+        if timed
+            && (st.setting_up > 0 || st.now.duration_since(st.last_cm) >= Duration::from_millis(1))
+        {
             st.last_cm = st.now;
             work += self.cm_events(st);
         }
@@ -482,10 +499,11 @@ impl RdmaEngine {
                 None => conn.finish(&req.done, Err(Error::lost(conn.close_reason()))),
             }
         }
-        let keys: Vec<u64> = st.conns.keys().copied().collect();
-        for k in keys {
+        let keys = st.keys();
+        for &k in &keys {
             work += self.issue(st, k);
         }
+        st.give_back_keys(keys);
         let now = st.now;
         if timed && now.duration_since(st.last_tick) >= Duration::from_millis(5) {
             st.last_tick = now;
@@ -557,6 +575,7 @@ impl RdmaEngine {
                 });
                 c.deadline = Some(Instant::now() + self.core.config.connect_timeout);
                 st.conns.insert(key, c);
+                st.setting_up += 1;
             }
             Err(e) => p.set(Err(e)),
         }
@@ -849,6 +868,7 @@ impl RdmaEngine {
         c.transcript = transcript;
         c.deadline = Some(Instant::now() + cfg.connect_timeout);
         st.conns.insert(key, c);
+        st.setting_up += 1;
         let welcome = ctl::Welcome {
             endpoint: self.core.id,
             max_payload: cfg.max_payload(),
@@ -920,6 +940,7 @@ impl RdmaEngine {
             st.by_shared.insert(shared.id, k);
             c.shared = Some(shared.clone());
             c.phase = Phase::Up;
+            st.setting_up -= 1;
             c.pending = None;
             c.deadline = None;
             if p.abandoned.load(Ordering::SeqCst) {
@@ -957,6 +978,9 @@ impl RdmaEngine {
         let Some(c) = st.conns.get_mut(&k) else {
             return;
         };
+        if c.phase != Phase::Up {
+            st.setting_up -= 1;
+        }
         c.phase = Phase::Up;
         c.deadline = None;
         let shared = c.shared.clone().expect("shared set when established");
@@ -971,6 +995,9 @@ impl RdmaEngine {
         let Some(mut c) = st.conns.remove(&k) else {
             return;
         };
+        if c.phase != Phase::Up {
+            st.setting_up -= 1;
+        }
         if let Some(id) = &c.id {
             st.by_id.remove(&(id.key()));
             if disconnect {
@@ -1502,8 +1529,8 @@ impl RdmaEngine {
 
     fn completions(&self, st: &mut State) -> usize {
         let mut n = 0;
-        let keys: Vec<u64> = st.conns.keys().copied().collect();
-        for k in keys {
+        let keys = st.keys();
+        for &k in &keys {
             let mut wcs = std::mem::take(&mut st.wcs);
             wcs.clear();
             if let Some(cq) = st.conns.get(&k).and_then(|c| c.cq.as_ref()) {
@@ -1518,6 +1545,7 @@ impl RdmaEngine {
             }
             st.wcs = wcs;
         }
+        st.give_back_keys(keys);
         n
     }
 
