@@ -120,7 +120,8 @@ impl Driver {
             // deadline, or now and then for the health check): each read is a measurable
             // share of a busy-poll pass.
             spins = spins.wrapping_add(1);
-            if self.caller_drives && self.busy && deadline.is_none() && !spins.is_multiple_of(64) {
+            if self.caller_drives && self.busy && deadline.is_none() && !spins.is_multiple_of(4096)
+            {
                 self.progress();
                 continue;
             }
