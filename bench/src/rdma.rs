@@ -213,9 +213,18 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             v.sort_unstable();
             println!("diag: fence p50 {:.2} µs", v[1000] as f64 * us);
         }
-        // As many round trips as ib_read_lat's -n 2000.
-        let small = client.alloc_region(4096, Rights::ALL)?;
-        let (p50, p99) = read_latency(&conn, &small, &key, 2000)?;
+        // As many round trips as ib_read_lat's -n 2000, on a connection of their own
+        // (as perftest runs each test on a fresh queue pair).
+        let lat_client = Endpoint::bind(
+            EndpointConfig::new()
+                .progress(Progress::Caller)
+                .wait_mode(WaitMode::BusyPoll),
+        )?;
+        let lat_conn = lat_client.connect_addr(&server.local_addrs()[0])?;
+        let _lat_peer = server.accept_timeout(Duration::from_secs(10))?;
+        let small = lat_client.alloc_region(4096, Rights::ALL)?;
+        let (p50, p99) = read_latency(&lat_conn, &small, &key, 2000)?;
+        drop(lat_conn);
         // Registration: the first write from a fresh 256 MiB region registers it; the
         // writes after it find the registration cached.
         let fresh = client.alloc_region(256 << 20, Rights::ALL)?;
