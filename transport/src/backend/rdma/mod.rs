@@ -44,6 +44,7 @@ use crate::addr::{Address, BackendKind};
 use crate::backend::{Engine, OpKind, OpReq, remote_error};
 use crate::endpoint::{ConnShared, Core, Notification};
 use crate::error::{Error, Result};
+use crate::idmap::IdMap;
 use crate::key::{Rights, now_ms};
 use crate::op::{Completion, Notify};
 use crate::region::GrantWatcher;
@@ -233,9 +234,11 @@ struct RConn {
     queue: VecDeque<OpReq>,
     head: Head,
     ctl_out: VecDeque<Vec<u8>>,
-    ops: HashMap<u32, Inflight>,
+    /// Operations with work requests out, by their id (`u64::from` the u32 in wr_id).
+    ops: IdMap<Inflight>,
     next_op: u32,
     known: HashMap<(u64, [u8; TOKEN_LEN]), Known>,
+    last_known: Option<((u64, [u8; TOKEN_LEN]), Known)>,
     asking: HashMap<u32, (u64, [u8; TOKEN_LEN])>,
     next_req: u32,
     partial: Vec<u8>,
@@ -274,9 +277,10 @@ impl RConn {
             queue: VecDeque::new(),
             head: Head::default(),
             ctl_out: VecDeque::new(),
-            ops: HashMap::new(),
+            ops: IdMap::default(),
             next_op: 1,
             known: HashMap::new(),
+            last_known: None,
             asking: HashMap::new(),
             next_req: 1,
             partial: Vec::new(),
@@ -305,15 +309,16 @@ impl RConn {
 }
 
 struct State {
-    conns: HashMap<u64, RConn>,
+    conns: IdMap<RConn>,
     by_id: HashMap<usize, u64>,
     /// Connections by their handle's id.
-    by_shared: HashMap<u64, u64>,
+    by_shared: IdMap<u64>,
     grants: HashMap<u64, Grant>,
     grant_index: HashMap<(usize, u64, [u8; TOKEN_LEN]), u64>,
     next_grant: u64,
     /// Registrations of local memory, by device and address: the registration cache.
     local: HashMap<(usize, usize, usize), Mr>,
+    last_local: Option<((usize, usize, usize), u32)>,
     listener: Option<CmId>,
     devs: Vec<Dev>,
     next_key: u64,
@@ -413,13 +418,14 @@ impl RdmaEngine {
             ctl: Mutex::new(Vec::new()),
             ctl_pending: AtomicBool::new(false),
             state: Mutex::new(State {
-                conns: HashMap::new(),
+                conns: IdMap::default(),
                 by_id: HashMap::new(),
-                by_shared: HashMap::new(),
+                by_shared: IdMap::default(),
                 grants: HashMap::new(),
                 grant_index: HashMap::new(),
                 next_grant: 1,
                 local: HashMap::new(),
+                last_local: None,
                 listener,
                 devs: Vec::new(),
                 next_key: 1,
@@ -1162,11 +1168,18 @@ impl RdmaEngine {
         let mut grant = None;
         if let Some(t) = target {
             let kk = (t.region, t.token);
-            if let Some(kn) = c.known.get(&kk) {
+            // The key of the last access first: most runs of operations use one key.
+            let found = match c.last_known {
+                Some((lk, kn)) if lk == kk => Some(kn),
+                _ => c.known.get(&kk).copied(),
+            };
+            if let Some(kn) = found {
                 if kn.expires.is_some_and(|e| e <= now) {
                     c.known.remove(&kk);
+                    c.last_known = None;
                 } else {
                     grant = Some(kn.info);
+                    c.last_known = Some((kk, kn));
                 }
             }
             let Some(g) = grant else {
@@ -1246,7 +1259,7 @@ impl RdmaEngine {
         let id = c.next_op;
         c.next_op = c.next_op.wrapping_add(1).max(1);
         c.ops.insert(
-            id,
+            u64::from(id),
             Inflight {
                 done,
                 conn: shared.clone(),
@@ -1286,7 +1299,7 @@ impl RdmaEngine {
                 Some(op) => op,
                 None => {
                     let op = Self::new_inflight(c, who, shared, None);
-                    let f = c.ops.get_mut(&op).expect("new");
+                    let f = c.ops.get_mut(&u64::from(op)).expect("new");
                     f.bytes = total as u64;
                     f.what = Some(C::message_bytes_sent);
                     f.needs_ack = true;
@@ -1299,7 +1312,7 @@ impl RdmaEngine {
                 }
             };
             Self::post_buf(c, slot, &m, wr_id(K_OP, Some(slot), op))?;
-            c.ops.get_mut(&op).expect("op").wrs += 1;
+            c.ops.get_mut(&u64::from(op)).expect("op").wrs += 1;
             c.head.posted += n as u64;
             posted += 1;
             if last {
@@ -1349,7 +1362,7 @@ impl RdmaEngine {
         }];
         if let Err(e) = c.id().post_send(&mut wr) {
             c.atomic_free.push(slot);
-            c.ops.remove(&op);
+            c.ops.remove(&u64::from(op));
             shared.finish(
                 &req.done,
                 Err(Error::io(
@@ -1360,7 +1373,7 @@ impl RdmaEngine {
             return Err(e);
         }
         c.sq_used += 1;
-        let f = c.ops.get_mut(&op).expect("op");
+        let f = c.ops.get_mut(&u64::from(op)).expect("op");
         f.wrs = 1;
         f.atomic = Some(slot);
         Ok(1)
@@ -1415,7 +1428,7 @@ impl RdmaEngine {
             None => {
                 let who = (head.done.clone(), head.deadline);
                 let op = Self::new_inflight(c, who, shared, Some(local.clone()));
-                let f = c.ops.get_mut(&op).expect("new");
+                let f = c.ops.get_mut(&u64::from(op)).expect("new");
                 f.bytes = total;
                 f.what = Some(if is_write {
                     C::bytes_written
@@ -1497,7 +1510,7 @@ impl RdmaEngine {
             return Err(e);
         }
         c.sq_used += wrs.len() as u32;
-        c.ops.get_mut(&op).expect("op").wrs += wrs.len() as u32;
+        c.ops.get_mut(&u64::from(op)).expect("op").wrs += wrs.len() as u32;
         c.head.posted = at;
         let finished = done_all && (!need_notify || notify_slot.is_some());
         if finished {
@@ -1511,7 +1524,13 @@ impl RdmaEngine {
     /// use, then cached until the memory is released).
     fn local_mr(&self, st: &mut State, di: usize, mem: &Arc<Mem>) -> Result<u32> {
         let key = (di, mem.ptr_at(0) as usize, mem.len());
+        if let Some((k, l)) = st.last_local
+            && k == key
+        {
+            return Ok(l);
+        }
         if let Some(m) = st.local.get(&key) {
+            st.last_local = Some((key, m.lkey()));
             return Ok(m.lkey());
         }
         let a = verbs::access::LOCAL_WRITE;
@@ -1580,7 +1599,7 @@ impl RdmaEngine {
             if let Some(s) = slot {
                 c.send_free.push(s);
             }
-        } else if let Some(f) = c.ops.get_mut(&op) {
+        } else if let Some(f) = c.ops.get_mut(&u64::from(op)) {
             f.wrs = f.wrs.saturating_sub(1);
             if let Some(s) = slot {
                 if f.atomic == Some(s) {
@@ -1606,12 +1625,12 @@ impl RdmaEngine {
     fn try_finish(c: &mut RConn, op: u32) {
         let ready = c
             .ops
-            .get(&op)
+            .get(&u64::from(op))
             .is_some_and(|f| f.wrs == 0 && !f.needs_ack && c.head.op != Some(op));
         if !ready {
             return;
         }
-        let f = c.ops.remove(&op).expect("op");
+        let f = c.ops.remove(&u64::from(op)).expect("op");
         let r = match f.error {
             Some(e) => Err(e),
             None => {
@@ -1826,7 +1845,7 @@ impl RdmaEngine {
                         .unacked
                         .pop_front()
                         .ok_or("acknowledgement of a message never sent")?;
-                    if let Some(f) = c.ops.get_mut(&op) {
+                    if let Some(f) = c.ops.get_mut(&u64::from(op)) {
                         f.needs_ack = false;
                     }
                     Self::try_finish(c, op);
@@ -1835,6 +1854,7 @@ impl RdmaEngine {
             ctl::REVOKE => {
                 let gid = ctl::parse_revoke(m).ok_or("malformed revocation")?;
                 c.known.retain(|_, kn| kn.info.grant != gid);
+                c.last_known = None;
                 c.ctl_out.push_back(ctl::revoke(ctl::REVOKE_ACK, gid));
                 self.flush_ctl(st, k);
             }
@@ -2033,6 +2053,7 @@ impl RdmaEngine {
         self.finish_revocations(st);
         // Release cached registrations of memory nothing else holds.
         st.local.retain(|_, mr| !mr.only_holder());
+        st.last_local = None;
     }
 
     fn die(&self, why: &str) {
@@ -2241,6 +2262,7 @@ impl Engine for RdmaEngine {
             }
         }
         st.local.clear();
+        st.last_local = None;
         st.listener.take();
         self.die("endpoint closed");
     }
