@@ -98,13 +98,6 @@ fn read_latency(
     let us_per_tick = (w1 - w0).as_secs_f64() * 1e6 / (c1 - c0).max(1) as f64;
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] as f64 * us_per_tick;
-    if std::env::var_os("PFS_DIAG").is_some() {
-        let d: Vec<String> = (1..10)
-            .map(|i| format!("{:.1}", at(i as f64 / 10.0)))
-            .collect();
-        let mean = (w1 - w0).as_secs_f64() * 1e6 / n as f64;
-        println!("diag: read deciles {} mean {mean:.1}", d.join(" "));
-    }
     Ok((at(0.5), at(0.99)))
 }
 
@@ -158,10 +151,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     let (_client_ip, server_ip) = addrs()?;
     // The server only hands out registrations (its NIC serves the accesses), so it
     // sleeps; the client busy-polls on the calling thread, as perftest does.
-    let mut scfg = EndpointConfig::new().listen(&format!("rdma://{server_ip}:0"))?;
-    if std::env::var_os("PFS_DIAG_SERVER_BUSY").is_some() {
-        scfg = scfg.wait_mode(WaitMode::BusyPoll);
-    }
+    let scfg = EndpointConfig::new().listen(&format!("rdma://{server_ip}:0"))?;
     let server = Endpoint::bind(scfg)?;
     let client = Endpoint::bind(
         EndpointConfig::new()
@@ -200,19 +190,6 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             warmup: Duration::from_millis(500),
         })?;
         let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
-        if std::env::var_os("PFS_DIAG").is_some() {
-            let mut v = Vec::new();
-            let (c0, w0) = (ticks(), Instant::now());
-            for _ in 0..2000 {
-                let t = ticks();
-                conn.fence()?.wait()?;
-                v.push(ticks() - t);
-            }
-            let (c1, w1) = (ticks(), Instant::now());
-            let us = (w1 - w0).as_secs_f64() * 1e6 / (c1 - c0) as f64;
-            v.sort_unstable();
-            println!("diag: fence p50 {:.2} µs", v[1000] as f64 * us);
-        }
         // As many round trips as ib_read_lat's -n 2000, on a connection of their own
         // (as perftest runs each test on a fresh queue pair).
         let lat_client = Endpoint::bind(
@@ -247,6 +224,11 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         r.pfs_read_lat_p50_us.push(p50);
         r.registration_ms_per_gib.push(per_gib);
     }
+    r.devices = format!(
+        "server: {}; client: {}",
+        server.describe().join("; "),
+        client.describe().join("; ")
+    );
     let pw = median(&r.pfs_write_mib_s);
     let pl = median(&r.pfs_read_lat_p50_us);
     println!();
