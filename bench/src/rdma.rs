@@ -232,9 +232,10 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     let pw = median(&r.pfs_write_mib_s);
     let pl = median(&r.pfs_read_lat_p50_us);
     println!();
+    println!("{}", r.devices);
     println!(
-        "rdma between {} (soft-RoCE, TCG guest), {} rounds, medians:",
-        r.devices, a.rounds
+        "soft-RoCE in a TCG guest, {} rounds, medians (perftest's MB are 2^20 B):",
+        a.rounds
     );
     println!("  PacketFS write 64 KiB   {pw:>10.2} MiB/s");
     println!("  PacketFS read 2 B p50   {pl:>10.2} µs");
