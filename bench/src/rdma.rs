@@ -77,13 +77,14 @@ fn ticks() -> u64 {
 }
 
 /// 2-byte RDMA READ round trips, one at a time, timed with the time-stamp counter
-/// (calibrated against the clock over the whole run): (median, p99) in µs.
+/// (calibrated against the clock over the whole run): (median, p99) in µs, and the
+/// counter's rate in MHz.
 fn read_latency(
     conn: &pfs_transport::Connection,
     local: &pfs_transport::Region,
     key: &pfs_transport::RegionKey,
     n: usize,
-) -> AnyResult<(f64, f64)> {
+) -> AnyResult<(f64, f64, f64)> {
     for _ in 0..n / 10 {
         conn.read(local, 0, key, 0, 2)?.wait()?;
     }
@@ -98,7 +99,19 @@ fn read_latency(
     let us_per_tick = (w1 - w0).as_secs_f64() * 1e6 / (c1 - c0).max(1) as f64;
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] as f64 * us_per_tick;
-    Ok((at(0.5), at(0.99)))
+    Ok((at(0.5), at(0.99), 1.0 / us_per_tick))
+}
+
+/// The CPU frequency the kernel reports (`cpu MHz` in /proc/cpuinfo).
+fn cpuinfo_mhz() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// One perftest round: (ib_write_bw MiB/s, ib_read_lat typical µs).
@@ -200,7 +213,14 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let lat_conn = lat_client.connect_addr(&server.local_addrs()[0])?;
         let _lat_peer = server.accept_timeout(Duration::from_secs(10))?;
         let small = lat_client.alloc_region(4096, Rights::ALL)?;
-        let (p50, p99) = read_latency(&lat_conn, &small, &key, 2000)?;
+        let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
+        if round == 1 {
+            println!(
+                "time-stamp counter: {mhz:.0} MHz against the clock over the run; the \
+                 kernel's calibration (/proc/cpuinfo, what perftest converts cycles with): {}",
+                cpuinfo_mhz().map_or("unknown".into(), |m| format!("{m:.0} MHz"))
+            );
+        }
         drop(lat_conn);
         // Registration: the first write from a fresh 256 MiB region registers it; the
         // writes after it find the registration cached. 4 KiB: larger than what goes
