@@ -157,6 +157,15 @@ fn addrs() -> AnyResult<(String, String)> {
     }
 }
 
+/// A client endpoint that busy-polls on the calling thread.
+fn busy_client() -> pfs_transport::Result<Endpoint> {
+    Endpoint::bind(
+        EndpointConfig::new()
+            .progress(Progress::Caller)
+            .wait_mode(WaitMode::BusyPoll),
+    )
+}
+
 pub fn rdma(a: &RdmaArgs) -> AnyResult {
     if a.rounds == 0 {
         return Err("--rounds must be at least 1".into());
@@ -166,11 +175,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     // sleeps; the client busy-polls on the calling thread, as perftest does.
     let scfg = EndpointConfig::new().listen(&format!("rdma://{server_ip}:0"))?;
     let server = Endpoint::bind(scfg)?;
-    let client = Endpoint::bind(
-        EndpointConfig::new()
-            .progress(Progress::Caller)
-            .wait_mode(WaitMode::BusyPoll),
-    )?;
+    let client = busy_client()?;
     let conn = client.connect_addr(&server.local_addrs()[0])?;
     let _peer = server.accept_timeout(Duration::from_secs(10))?;
     let target = server.alloc_region(64 << 20, Rights::ALL)?;
@@ -205,11 +210,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
         // As many round trips as ib_read_lat's -n 2000, on a connection of their own
         // (as perftest runs each test on a fresh queue pair).
-        let lat_client = Endpoint::bind(
-            EndpointConfig::new()
-                .progress(Progress::Caller)
-                .wait_mode(WaitMode::BusyPoll),
-        )?;
+        let lat_client = busy_client()?;
         let lat_conn = lat_client.connect_addr(&server.local_addrs()[0])?;
         let _lat_peer = server.accept_timeout(Duration::from_secs(10))?;
         let small = lat_client.alloc_region(4096, Rights::ALL)?;

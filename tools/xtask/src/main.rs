@@ -527,6 +527,8 @@ fn test_binary(name: &str) -> Result<String, String> {
             "--release",
             "--workspace",
             "--all-features",
+            "--test",
+            name,
             "--no-run",
             "--message-format=json",
         ])
@@ -535,7 +537,7 @@ fn test_binary(name: &str) -> Result<String, String> {
         .output()
         .map_err(|e| format!("cargo test --no-run: {e}"))?;
     if !out.status.success() {
-        return Err("building the test binaries failed".into());
+        return Err(format!("building the {name} tests failed ({})", out.status));
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -631,33 +633,7 @@ fn memcheck() -> R {
     if !have("valgrind") {
         return Err("valgrind is missing: run `cargo xtask deps` (Debian package valgrind)".into());
     }
-    let out = Command::new(cargo())
-        .args([
-            "test",
-            "--release",
-            "--workspace",
-            "--all-features",
-            "--test",
-            "memcheck",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .current_dir(root())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cargo test --no-run: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "building the memcheck tests failed ({})",
-            out.status
-        ));
-    }
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "memcheck")
-        .find_map(|m| m["executable"].as_str().map(String::from))
-        .ok_or("cargo named no memcheck test binary")?;
+    let exe = test_binary("memcheck")?;
     let supp = root().join("tools/valgrind.supp");
     let supp = format!("--suppressions={}", supp.display());
     run(

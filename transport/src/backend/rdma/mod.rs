@@ -934,15 +934,7 @@ impl RdmaEngine {
                 m.extend_from_slice(&proof);
                 c.ctl_out.push_back(m);
             }
-            let shared = ConnShared::new(
-                self.core.next_conn_id(),
-                self.core.clone(),
-                engine,
-                w.endpoint,
-                Address::Rdma(local),
-                Address::Rdma(c.peer),
-                w.max_payload,
-            );
+            let shared = self.handle(engine, c, local, w.endpoint, w.max_payload);
             st.by_shared.insert(shared.id, k);
             c.shared = Some(shared.clone());
             c.phase = Phase::Up;
@@ -960,15 +952,7 @@ impl RdmaEngine {
         }
         // Target.
         let hello = c.hello.clone().expect("target connections keep the hello");
-        let shared = ConnShared::new(
-            self.core.next_conn_id(),
-            self.core.clone(),
-            engine,
-            hello.endpoint,
-            Address::Rdma(local),
-            Address::Rdma(c.peer),
-            hello.max_payload,
-        );
+        let shared = self.handle(engine, c, local, hello.endpoint, hello.max_payload);
         st.by_shared.insert(shared.id, k);
         c.shared = Some(shared);
         if c.transcript.is_some() {
@@ -977,6 +961,26 @@ impl RdmaEngine {
             self.admit(st, k);
         }
         self.drain_held(st, k);
+    }
+
+    /// The application's handle of an established connection.
+    fn handle(
+        &self,
+        engine: Arc<dyn Engine>,
+        c: &RConn,
+        local: SocketAddr,
+        peer_id: u64,
+        peer_max_payload: u32,
+    ) -> Arc<ConnShared> {
+        ConnShared::new(
+            self.core.next_conn_id(),
+            self.core.clone(),
+            engine,
+            peer_id,
+            Address::Rdma(local),
+            Address::Rdma(c.peer),
+            peer_max_payload,
+        )
     }
 
     /// Target: the connection is established (and authenticated): offer it to accept.
