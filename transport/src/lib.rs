@@ -2,9 +2,10 @@
 //!
 //! Another machine's memory as a buffer: registered regions with capability keys,
 //! one-sided `write`/`read`/atomics and two-sided messages, with one API over several
-//! backends. This release ships the `tcp` backend (TCP streams driven by io_uring,
-//! unprivileged, any Linux ≥ 6.1 that allows io_uring); `udp`, `xdp` (AF_XDP) and `rdma`
-//! (verbs) plug in behind the same types.
+//! backends: `tcp` (TCP streams driven by io_uring, unprivileged, any Linux ≥ 6.1 that
+//! allows io_uring), `udp` (reliable datagrams over kernel UDP), `xdp` (the same datagrams
+//! over AF_XDP; feature `xdp`) and `rdma` (RC queue pairs over verbs, connected with
+//! rdma_cm; feature `rdma`, see `docs/rdma.md`).
 //!
 //! ```
 //! use pfs_transport::{Endpoint, EndpointConfig, Rights};
@@ -45,7 +46,8 @@
 //! **Ordering.** Operations in flight at the same time on one connection may take effect
 //! in any order (as UCX puts, or libfabric without ordering flags). [`Connection::fence`]
 //! orders: everything submitted before it takes effect before anything submitted after
-//! it is issued. Nothing is ordered across connections.
+//! it is issued. Messages ([`Connection::send`]) arrive once each and in the order they
+//! were sent. Nothing is ordered across connections.
 //!
 //! **Atomics** ([`Connection::compare_and_swap`], [`Connection::fetch_add`]) work on
 //! 64-bit values at 8-byte-aligned offsets, little-endian in memory, and are atomic with
@@ -67,7 +69,10 @@
 //! The target checks every access against its own record of the key — bounds, rights,
 //! revocation, expiry — before touching memory; a refused access is a typed error
 //! ([`Error::AccessDenied`], [`Error::OutOfBounds`], [`Error::Revoked`], …) and changes
-//! nothing.
+//! nothing. On `rdma` the target's NIC serves the access: the target checks the key when
+//! a connection first uses it and hands out a registration made for that grant alone
+//! (the region exactly, the grant's rights), which it withdraws on revocation, expiry
+//! and when the region is dropped.
 //!
 //! **Progress.** Each endpoint is driven by its own progress thread (optionally pinned)
 //! or by the caller ([`Progress::Caller`]): then waiting on an operation, a message or an
