@@ -42,6 +42,24 @@ pub(crate) enum OpKind {
     Fence,
 }
 
+impl OpKind {
+    /// The remote access this operation makes: its target, the rights it needs and its
+    /// length (`None` for messages and fences).
+    pub(crate) fn access(&self) -> Option<(Target, crate::key::Rights, u64)> {
+        use crate::key::Rights;
+        match self {
+            OpKind::Write { target, local, .. } => {
+                Some((*target, Rights::WRITE, local.len() as u64))
+            }
+            OpKind::Read { target, local } => Some((*target, Rights::READ, local.len() as u64)),
+            OpKind::Cas { target, .. } | OpKind::Faa { target, .. } => {
+                Some((*target, Rights::ATOMIC, 8))
+            }
+            OpKind::Send { .. } | OpKind::Fence => None,
+        }
+    }
+}
+
 /// One submitted operation.
 #[derive(Debug)]
 pub(crate) struct OpReq {

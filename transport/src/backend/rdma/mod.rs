@@ -1159,15 +1159,9 @@ impl RdmaEngine {
             return Ok(1);
         }
         // Which grant the head needs, and for what.
-        let (target, need, len) = match &head.kind {
-            OpKind::Write { target, local, .. } => {
-                (Some(*target), Rights::WRITE, local.len() as u64)
-            }
-            OpKind::Read { target, local } => (Some(*target), Rights::READ, local.len() as u64),
-            OpKind::Cas { target, .. } | OpKind::Faa { target, .. } => {
-                (Some(*target), Rights::ATOMIC, 8)
-            }
-            OpKind::Send { .. } | OpKind::Fence => (None, Rights::NONE, 0),
+        let (target, need, len) = match head.kind.access() {
+            Some((t, need, len)) => (Some(t), need, len),
+            None => (None, Rights::NONE, 0),
         };
         let mut grant = None;
         if let Some(t) = target {
@@ -1390,22 +1384,22 @@ impl RdmaEngine {
         shared: &Arc<ConnShared>,
         g: GrantInfo,
     ) -> std::io::Result<usize> {
-        // The local registration (cached per device and memory).
-        let (local, di) = {
+        let (local, t, notify, is_write, di, inline_max) = {
             let c = &st.conns[&k];
-            let head = c.queue.front().expect("head");
-            let local = match &head.kind {
-                OpKind::Write { local, .. } | OpKind::Read { local, .. } => local.clone(),
+            let (local, t, notify, is_write) = match &c.queue.front().expect("head").kind {
+                OpKind::Write {
+                    local,
+                    target,
+                    notify,
+                } => (local.clone(), *target, *notify, true),
+                OpKind::Read { local, target } => (local.clone(), *target, None, false),
                 _ => unreachable!("issue_rw on a write or read"),
             };
-            (local, c.dev.expect("up connections have a device"))
+            let di = c.dev.expect("up connections have a device");
+            (local, t, notify, is_write, di, c.caps.inline as usize)
         };
-        let inline_max = st.conns[&k].caps.inline as usize;
-        let is_write = matches!(
-            st.conns[&k].queue.front().map(|h| &h.kind),
-            Some(OpKind::Write { .. })
-        );
         let small_inline = is_write && local.len() <= inline_max;
+        // The local registration (cached per device and memory); inline data needs none.
         let lkey = if small_inline || local.len() == 0 {
             0
         } else {
@@ -1421,11 +1415,6 @@ impl RdmaEngine {
         };
         let c = st.conns.get_mut(&k).expect("conn");
         let head = c.queue.front().expect("head");
-        let (t, notify) = match &head.kind {
-            OpKind::Write { target, notify, .. } => (*target, *notify),
-            OpKind::Read { target, .. } => (*target, None),
-            _ => unreachable!(),
-        };
         let total = local.len() as u64;
         let op = match c.head.op {
             Some(op) => op,
@@ -1780,12 +1769,16 @@ impl RdmaEngine {
                 let (region, offset, len, imm) =
                     ctl::parse_notify(m).ok_or("malformed notification")?;
                 shared.count(C::notifications, 1);
-                let _ = shared.notes.push(Notification {
-                    region,
-                    offset,
-                    len,
-                    imm,
-                });
+                // Admitted: `drain_held` checked there was room before taking it.
+                shared.notes.push_admitted(
+                    Notification {
+                        region,
+                        offset,
+                        len,
+                        imm,
+                    },
+                    0,
+                );
             }
             ctl::KEY_REQ => {
                 let (req, region, token, need) =
@@ -1811,17 +1804,9 @@ impl RdmaEngine {
                     KeyAnswer::Refused(code, why) => {
                         // Fail every queued operation on this key at the head.
                         while let Some(h) = c.queue.front() {
-                            let ht = match &h.kind {
-                                OpKind::Write { target, .. }
-                                | OpKind::Read { target, .. }
-                                | OpKind::Cas { target, .. }
-                                | OpKind::Faa { target, .. } => Some(*target),
-                                _ => None,
-                            };
-                            match ht {
-                                Some(ht) if (ht.region, ht.token) == kk => {
+                            match h.kind.access() {
+                                Some((ht, _, len)) if (ht.region, ht.token) == kk => {
                                     let r = c.queue.pop_front().expect("head");
-                                    let len = op_len(&r.kind);
                                     let e = match remote_error(
                                         code,
                                         why.clone(),
@@ -2073,14 +2058,6 @@ fn clone_err(e: &Error) -> Error {
             reason: reason.clone(),
         },
         other => Error::lost(other.to_string()),
-    }
-}
-
-fn op_len(k: &OpKind) -> u64 {
-    match k {
-        OpKind::Write { local, .. } | OpKind::Read { local, .. } => local.len() as u64,
-        OpKind::Cas { .. } | OpKind::Faa { .. } => 8,
-        _ => 0,
     }
 }
 
