@@ -891,7 +891,7 @@ impl Connection {
         let req = OpReq {
             kind,
             done: done.clone(),
-            deadline: crate::sys::deadline_now() + s.core.config.op_timeout,
+            deadline: None,
             key_len,
         };
         if s.engine().submit(s, req).is_err() {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::thread::Thread;
@@ -39,6 +39,14 @@ impl Notify {
         for w in wakers {
             w.wake();
         }
+    }
+
+    /// Forget every registration (a recycled completion starts with none).
+    fn clear(&mut self) {
+        *self.has_waiters.get_mut() = false;
+        let w = self.waiters.get_mut().unwrap_or_else(|p| p.into_inner());
+        w.0.clear();
+        w.1.clear();
     }
 
     pub(crate) fn register_thread(&self) {
@@ -168,41 +176,96 @@ impl Driver {
 /// How long a busy-poll wait on an endpoint with a progress thread spins before parking.
 pub(crate) const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
 
-/// The shared state of one operation.
+/// The shared state of one operation: the engine completes it, the [`Op`] that owns it
+/// takes the result. A success is a value and a state change, no lock; an error goes
+/// through a mutex.
 #[derive(Debug, Default)]
 pub(crate) struct Completion {
-    done: AtomicBool,
-    result: Mutex<Option<Result<u64>>>,
+    /// `PENDING` → `WRITING` (one completer won) → `OK`/`ERR` → `TAKEN`.
+    state: AtomicU8,
+    value: AtomicU64,
+    error: Mutex<Option<Error>>,
     notify: Notify,
+}
+
+const PENDING: u8 = 0;
+const WRITING: u8 = 1;
+const OK: u8 = 2;
+const ERR: u8 = 3;
+const TAKEN: u8 = 4;
+
+/// Completions an [`Op`] handle gave back, for the next operations this thread submits:
+/// a small operation then allocates nothing.
+const POOL_MAX: usize = 64;
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Arc<Completion>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Completion {
     pub(crate) fn new() -> Arc<Completion> {
-        Arc::new(Completion::default())
+        POOL.with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| Arc::new(Completion::default()))
+    }
+
+    /// Give a completion back to this thread's pool if nothing else holds it.
+    fn recycle(c: &mut Arc<Completion>) {
+        let Some(m) = Arc::get_mut(c) else {
+            return;
+        };
+        *m.state.get_mut() = PENDING;
+        *m.error.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        m.notify.clear();
+        let c = Arc::clone(c);
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(c);
+            }
+        });
     }
 
     /// Record the result (first call wins) and wake waiters.
     pub(crate) fn complete(&self, r: Result<u64>) {
+        if self
+            .state
+            .compare_exchange(PENDING, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
         {
-            let mut g = self.result.lock().expect("completion lock poisoned");
-            if self.done.load(Ordering::Relaxed) {
-                return;
-            }
-            *g = Some(r);
-            self.done.store(true, Ordering::SeqCst);
+            return;
         }
+        let state = match r {
+            Ok(v) => {
+                self.value.store(v, Ordering::Relaxed);
+                OK
+            }
+            Err(e) => {
+                *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                ERR
+            }
+        };
+        self.state.store(state, Ordering::Release);
         self.notify.wake_all();
     }
 
     pub(crate) fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
+        matches!(self.state.load(Ordering::Acquire), OK | ERR | TAKEN)
     }
 
+    /// The result, once: `None` before completion and after it was taken. Only the
+    /// owning [`Op`] takes, so no two threads race here.
     fn take(&self) -> Option<Result<u64>> {
-        if !self.is_done() {
-            return None;
-        }
-        self.result.lock().expect("completion lock poisoned").take()
+        let r = match self.state.load(Ordering::Acquire) {
+            OK => Ok(self.value.load(Ordering::Relaxed)),
+            ERR => Err(self
+                .error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or(Error::Closed("operation result already taken"))),
+            _ => return None,
+        };
+        self.state.store(TAKEN, Ordering::Relaxed);
+        Some(r)
     }
 }
 
@@ -243,6 +306,14 @@ pub struct Op<T: OpOutput> {
     _t: PhantomData<fn() -> T>,
 }
 
+impl<T: OpOutput> Drop for Op<T> {
+    fn drop(&mut self) {
+        // The engine drops its reference once the operation is over; an operation still
+        // in flight keeps its completion (and this handle's is just released).
+        Completion::recycle(&mut self.c);
+    }
+}
+
 impl<T: OpOutput> std::fmt::Debug for Op<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Op")
@@ -276,8 +347,7 @@ impl<T: OpOutput> Op<T> {
 
     /// Block until the operation completes and return its result.
     pub fn wait(self) -> Result<T> {
-        let c = self.c.clone();
-        match self.driver.wait(&self.c.notify, None, || c.take())? {
+        match self.driver.wait(&self.c.notify, None, || self.c.take())? {
             Some(r) => r.map(T::from_raw),
             None => Err(Error::Closed("operation result already taken")),
         }

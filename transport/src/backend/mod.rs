@@ -65,7 +65,11 @@ impl OpKind {
 pub(crate) struct OpReq {
     pub(crate) kind: OpKind,
     pub(crate) done: Arc<Completion>,
-    pub(crate) deadline: Instant,
+    /// When it fails with [`Error::Timeout`](crate::Error::Timeout): `None` from
+    /// `submit`, stamped (`op_timeout` from then) by the engine that takes it. Submitting
+    /// reads no clock: where the clock has no vDSO path (a VM's emulated HPET) a read
+    /// is a measurable share of a small operation.
+    pub(crate) deadline: Option<Instant>,
     /// The key's idea of the region length, for error messages.
     pub(crate) key_len: u64,
 }

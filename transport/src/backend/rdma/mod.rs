@@ -188,7 +188,8 @@ enum Phase {
 struct Inflight {
     done: Arc<Completion>,
     conn: Arc<ConnShared>,
-    deadline: Instant,
+    /// Stamped by the first tick that sees the operation (see `tick`).
+    deadline: Option<Instant>,
     wrs: u32,
     /// The first error a work request reported.
     error: Option<Error>,
@@ -331,6 +332,8 @@ struct State {
     now: Instant,
     passes: u64,
     wcs: Vec<verbs::Wc>,
+    /// Work requests being built for one post (reused: no allocation per post).
+    wrs: Vec<verbs::SendWr>,
 }
 
 impl State {
@@ -365,6 +368,8 @@ pub(crate) struct RdmaEngine {
     registrations: AtomicUsize,
     /// A progress thread that sleeps between passes drives the engine.
     sleeps: bool,
+    /// The application's threads drive the engine (no progress thread): `submit` posts.
+    direct: bool,
 }
 
 impl std::fmt::Debug for RdmaEngine {
@@ -436,6 +441,7 @@ impl RdmaEngine {
                 now: Instant::now(),
                 passes: 0,
                 wcs: Vec::with_capacity(64),
+                wrs: Vec::new(),
             }),
             chan,
             waker,
@@ -453,6 +459,7 @@ impl RdmaEngine {
                 }
             )),
             registrations: AtomicUsize::new(0),
+            direct: core.config.progress == crate::config::Progress::Caller,
             sleeps: core.config.progress != crate::config::Progress::Caller
                 && core.config.wait == crate::config::WaitMode::Block,
             core,
@@ -498,13 +505,7 @@ impl RdmaEngine {
             work += self.cm_events(st);
         }
         work += self.completions(st);
-        while let Some((conn, req)) = self.ops.pop() {
-            work += 1;
-            match key_of(st, &conn) {
-                Some(k) => st.conns.get_mut(&k).expect("found").queue.push_back(req),
-                None => conn.finish(&req.done, Err(Error::lost(conn.close_reason()))),
-            }
-        }
+        work += self.take_new_ops(st);
         let keys = st.keys();
         for &k in &keys {
             work += self.issue(st, k);
@@ -516,6 +517,143 @@ impl RdmaEngine {
             self.tick(st, now);
         }
         work
+    }
+
+    /// The common case on its own short path: a read or write on an idle connection
+    /// whose key is known and valid and whose local memory is the last registered one,
+    /// in one work request. Anything else (`Err`) goes through the queue and
+    /// `issue_head`, which also reports every refusal.
+    fn post_now(
+        st: &mut State,
+        k: u64,
+        conn: &Arc<ConnShared>,
+        req: OpReq,
+    ) -> std::result::Result<(), OpReq> {
+        let Some(c) = st.conns.get_mut(&k) else {
+            return Err(req);
+        };
+        let (local, t, is_write, need) = match &req.kind {
+            OpKind::Write {
+                local,
+                target,
+                notify: None,
+            } => (local, target, true, Rights::WRITE),
+            OpKind::Read { local, target } => (local, target, false, Rights::READ),
+            _ => return Err(req),
+        };
+        let len = local.len() as u64;
+        let idle = c.phase == Phase::Up
+            && c.queue.is_empty()
+            && c.ctl_out.is_empty()
+            && c.sq_used < c.caps.send_wr;
+        if !idle || len == 0 || len > CHUNK {
+            return Err(req);
+        }
+        let g = match c.last_known {
+            Some(((region, token), kn))
+                if region == t.region
+                    && token == t.token
+                    && kn.expires.is_none_or(|e| e > st.now) =>
+            {
+                kn.info
+            }
+            _ => return Err(req),
+        };
+        if !Rights::from_bits(g.rights).is_some_and(|r| r.contains(need))
+            || t.offset.checked_add(len).is_none_or(|e| e > g.len)
+        {
+            return Err(req);
+        }
+        let inline = is_write && len <= u64::from(c.caps.inline);
+        let lkey = if inline {
+            0
+        } else {
+            let mem = local.mem();
+            match st.last_local {
+                Some(((d, p, l), lkey))
+                    if Some(d) == c.dev && p == mem.ptr_at(0) as usize && l == mem.len() =>
+                {
+                    lkey
+                }
+                _ => return Err(req),
+            }
+        };
+        let op = c.next_op;
+        let mut wr = [verbs::SendWr {
+            wr_id: wr_id(K_OP, None, op),
+            opcode: if is_write {
+                verbs::OP_WRITE
+            } else {
+                verbs::OP_READ
+            },
+            flags: verbs::SIGNALED | if inline { verbs::INLINE } else { 0 },
+            sge: verbs::sge(local.as_ptr() as u64, len as u32, lkey),
+            remote: verbs::Remote::Rdma {
+                addr: g.addr + t.offset,
+                rkey: g.rkey,
+            },
+        }];
+        if c.id().post_send(&mut wr).is_err() {
+            // The queued path posts it again and ends the connection on the error.
+            return Err(req);
+        }
+        c.next_op = c.next_op.wrapping_add(1).max(1);
+        c.sq_used += 1;
+        let OpReq {
+            kind: OpKind::Write { local, .. } | OpKind::Read { local, .. },
+            done,
+            deadline,
+            ..
+        } = req
+        else {
+            unreachable!("matched above");
+        };
+        c.ops.insert(
+            u64::from(op),
+            Inflight {
+                done,
+                conn: conn.clone(),
+                deadline,
+                wrs: 1,
+                error: None,
+                atomic: None,
+                bytes: len,
+                what: Some(if is_write {
+                    C::bytes_written
+                } else {
+                    C::bytes_read
+                }),
+                needs_ack: false,
+                timed_out: false,
+                _local: Some(local),
+            },
+        );
+        Ok(())
+    }
+
+    /// Move submitted operations to their connections' queues, in submission order.
+    fn take_new_ops(&self, st: &mut State) -> usize {
+        let mut n = 0;
+        while let Some((conn, req)) = self.ops.pop() {
+            n += 1;
+            self.enqueue(st, &conn, req);
+        }
+        n
+    }
+
+    /// Queue `req` behind its connection's earlier operations; the `Option` is the
+    /// connection's key (`None`: closed, and `req` has failed).
+    fn enqueue(&self, st: &mut State, conn: &Arc<ConnShared>, req: OpReq) -> Option<u64> {
+        match key_of(st, conn) {
+            Some(k) => {
+                st.conns.get_mut(&k).expect("found").queue.push_back(req);
+                Some(k)
+            }
+            None => {
+                conn.finish(&req.done, Err(Error::lost(conn.close_reason())));
+                None
+            }
+        }
     }
 
     fn handle_ctl(&self, st: &mut State, c: Ctl) {
@@ -1148,7 +1286,7 @@ impl RdmaEngine {
         let c = st.conns.get_mut(&k).expect("conn");
         let shared = c.shared.clone().expect("up connections have a handle");
         let head = c.queue.front().expect("non-empty");
-        if head.deadline <= now && c.head.op.is_none() {
+        if head.deadline.is_some_and(|d| d <= now) && c.head.op.is_none() {
             let r = c.queue.pop_front().expect("head");
             shared.finish(
                 &r.done,
@@ -1250,7 +1388,7 @@ impl RdmaEngine {
 
     fn new_inflight(
         c: &mut RConn,
-        (done, deadline): (Arc<Completion>, Instant),
+        (done, deadline): (Arc<Completion>, Option<Instant>),
         shared: &Arc<ConnShared>,
         local: Option<Slice>,
     ) -> u32 {
@@ -1413,6 +1551,32 @@ impl RdmaEngine {
                 }
             }
         };
+        let mut wrs = std::mem::take(&mut st.wrs);
+        wrs.clear();
+        let r = Self::post_rw(
+            st,
+            k,
+            shared,
+            g,
+            (local, t, notify, is_write),
+            lkey,
+            &mut wrs,
+        );
+        st.wrs = wrs;
+        r
+    }
+
+    /// Post as much of the head read or write as the send queue takes, into `wrs`.
+    fn post_rw(
+        st: &mut State,
+        k: u64,
+        shared: &Arc<ConnShared>,
+        g: GrantInfo,
+        (local, t, notify, is_write): (Slice, Target, Option<u32>, bool),
+        lkey: u32,
+        wrs: &mut Vec<verbs::SendWr>,
+    ) -> std::io::Result<usize> {
+        let small_inline = is_write && local.len() <= st.conns[&k].caps.inline as usize;
         let c = st.conns.get_mut(&k).expect("conn");
         let head = c.queue.front().expect("head");
         let total = local.len() as u64;
@@ -1438,7 +1602,6 @@ impl RdmaEngine {
         // Chain as many chunks as the send queue takes in one post (plus the
         // notification after the last one).
         let room = c.caps.send_wr.saturating_sub(c.sq_used) as usize;
-        let mut wrs = Vec::new();
         let mut at = c.head.posted;
         let need_notify = notify.is_some();
         while wrs.len() < room && (at < total || (total == 0 && wrs.is_empty() && at == 0)) {
@@ -1496,7 +1659,7 @@ impl RdmaEngine {
                 remote: verbs::Remote::None,
             });
         }
-        if let Err(e) = c.id().post_send(&mut wrs) {
+        if let Err(e) = c.id().post_send(wrs) {
             if let Some((slot, _)) = notify_slot {
                 c.send_free.push(slot);
             }
@@ -1543,21 +1706,27 @@ impl RdmaEngine {
         let mut n = 0;
         let keys = st.keys();
         for &k in &keys {
-            let mut wcs = std::mem::take(&mut st.wcs);
-            wcs.clear();
-            if let Some(cq) = st.conns.get(&k).and_then(|c| c.cq.as_ref()) {
-                cq.poll(&mut wcs, 32);
-            }
-            n += wcs.len();
-            for wc in &wcs {
-                if !st.conns.contains_key(&k) {
-                    break;
-                }
-                self.completion(st, k, wc);
-            }
-            st.wcs = wcs;
+            n += self.completions_of(st, k);
         }
         st.give_back_keys(keys);
+        n
+    }
+
+    /// Handle the completions of connection `k` that are there.
+    fn completions_of(&self, st: &mut State, k: u64) -> usize {
+        let mut wcs = std::mem::take(&mut st.wcs);
+        wcs.clear();
+        if let Some(cq) = st.conns.get(&k).and_then(|c| c.cq.as_ref()) {
+            cq.poll(&mut wcs, 32);
+        }
+        let n = wcs.len();
+        for wc in &wcs {
+            if !st.conns.contains_key(&k) {
+                break;
+            }
+            self.completion(st, k, wc);
+        }
+        st.wcs = wcs;
         n
     }
 
@@ -2005,9 +2174,16 @@ impl RdmaEngine {
             }
         }
         // Operation deadlines.
+        // An operation's deadline is stamped at the first tick that sees it (so up to
+        // one tick late), which spares every operation a clock read.
+        let op_deadline = now + self.core.config.op_timeout;
         for c in st.conns.values_mut() {
+            for r in c.queue.iter_mut() {
+                r.deadline.get_or_insert(op_deadline);
+            }
             for f in c.ops.values_mut() {
-                if !f.timed_out && f.deadline <= now {
+                let d = *f.deadline.get_or_insert(op_deadline);
+                if !f.timed_out && d <= now {
                     f.timed_out = true;
                     f.conn.finish(
                         &f.done,
@@ -2112,6 +2288,39 @@ impl Engine for RdmaEngine {
     }
 
     fn submit(&self, conn: &Arc<ConnShared>, req: OpReq) -> std::result::Result<(), OpReq> {
+        // A caller-driven engine runs on whichever thread holds its state: post at once
+        // (behind anything submitted earlier) instead of leaving the operation for the
+        // next pass. A small operation is then one post from the call that submits it.
+        if self.direct
+            && let Ok(mut st) = self.state.try_lock()
+        {
+            if !self.ops.is_empty() {
+                self.take_new_ops(&mut st);
+            }
+            // What arrived first is handled first, as in a pass: a revocation in the
+            // receive queue must be seen before anything is posted with its key.
+            let k = key_of(&st, conn);
+            if let Some(k) = k {
+                self.completions_of(&mut st, k);
+            }
+            let Some(k) = k.filter(|k| st.conns.contains_key(k)) else {
+                conn.finish(&req.done, Err(Error::lost(conn.close_reason())));
+                return Ok(());
+            };
+            let posted = match Self::post_now(&mut st, k, conn, req) {
+                Ok(()) => true,
+                Err(req) => {
+                    st.conns.get_mut(&k).expect("found").queue.push_back(req);
+                    self.issue(&mut st, k) > 0
+                }
+            };
+            // Reap what is already there: a device that completes within the post (as
+            // soft-RoCE does) finishes the operation before `submit` returns.
+            if posted {
+                self.completions_of(&mut st, k);
+            }
+            return Ok(());
+        }
         self.ops.push((conn.clone(), req)).map_err(|(_, r)| r)?;
         // Only a progress thread asleep in `park` needs the wake-up (a system call): a
         // caller-driven or spinning engine finds the operation on its next pass.

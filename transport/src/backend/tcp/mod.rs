@@ -1378,6 +1378,8 @@ impl Ctx {
             deadline,
             key_len,
         } = req;
+        let deadline =
+            deadline.unwrap_or_else(|| crate::sys::deadline_now() + self.core.config.op_timeout);
         let (h, payload, pk, remote_off, len) = match kind {
             OpKind::Write {
                 local,
