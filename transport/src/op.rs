@@ -527,3 +527,52 @@ impl<T> Mailbox<T> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_completion_wins_and_the_result_is_taken_once() {
+        let c = Completion::new();
+        assert!(!c.is_done());
+        assert!(c.take().is_none());
+        c.complete(Ok(7));
+        c.complete(Err(Error::Closed("late")));
+        assert!(c.is_done());
+        assert!(matches!(c.take(), Some(Ok(7))));
+        assert!(c.take().is_none());
+        assert!(c.is_done());
+
+        let e = Completion::new();
+        e.complete(Err(Error::Timeout {
+            after: Duration::from_secs(1),
+        }));
+        e.complete(Ok(1));
+        assert!(matches!(e.take(), Some(Err(Error::Timeout { .. }))));
+        assert!(e.take().is_none());
+    }
+
+    #[test]
+    fn a_recycled_completion_starts_over_and_a_shared_one_is_not_recycled() {
+        // Drain this thread's pool so the next `new` shows where it came from.
+        POOL.with(|p| p.borrow_mut().clear());
+        let mut c = Completion::new();
+        c.notify.register_thread();
+        c.complete(Err(Error::Closed("first use")));
+        let held = Arc::clone(&c);
+        Completion::recycle(&mut c);
+        assert_eq!(POOL.with(|p| p.borrow().len()), 0, "still shared: kept out");
+        drop(held);
+        let addr = Arc::as_ptr(&c);
+        Completion::recycle(&mut c);
+        drop(c);
+        let again = Completion::new();
+        assert_eq!(Arc::as_ptr(&again), addr, "reused");
+        assert!(!again.is_done());
+        assert!(again.take().is_none());
+        assert!(!again.notify.has_waiters.load(Ordering::SeqCst));
+        again.complete(Ok(3));
+        assert!(matches!(again.take(), Some(Ok(3))));
+    }
+}

@@ -131,6 +131,48 @@ mod bad_input {
         );
     }
 
+    /// An operation that cannot complete fails with `Timeout` by its deadline: the
+    /// engine stamps it (op_timeout from the first timer tick that sees it), so it may
+    /// fail up to a tick late, never early.
+    #[test]
+    fn an_operation_that_cannot_complete_times_out_by_its_deadline() {
+        let Some(ip) = server_ip() else { return };
+        let timeout = Duration::from_millis(400);
+        // The receiver queues one message and reads none: the second is never
+        // acknowledged, so its send cannot complete.
+        let mut scfg = EndpointConfig::new()
+            .listen(&format!("rdma://{ip}:0"))
+            .unwrap();
+        scfg.max_incoming = 1;
+        let server = Endpoint::bind(scfg).unwrap();
+        let client = Endpoint::bind(
+            EndpointConfig::new()
+                .progress(pfs_transport::Progress::Caller)
+                .wait_mode(pfs_transport::WaitMode::BusyPoll)
+                .op_timeout(timeout),
+        )
+        .unwrap();
+        let conn = client.connect_addr(&server.local_addrs()[0]).unwrap();
+        let _peer = server.accept_timeout(Duration::from_secs(10)).unwrap();
+        conn.send(b"queued").unwrap().wait().unwrap();
+        let t = Instant::now();
+        let e = conn
+            .send(b"never acknowledged")
+            .unwrap()
+            .wait_timeout(timeout + Duration::from_secs(3))
+            .expect("no timeout by op_timeout + 3 s")
+            .unwrap_err();
+        let took = t.elapsed();
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(1),
+            "timed out after {took:?} (op_timeout {timeout:?})"
+        );
+        // The connection itself is fine (the message waits in RNR retries until the
+        // receiver has room).
+        assert!(!conn.is_closed());
+    }
+
     #[test]
     fn connecting_where_nothing_listens_fails_at_once() {
         let Some(ip) = server_ip() else { return };
