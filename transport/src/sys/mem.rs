@@ -103,6 +103,7 @@ impl Mem {
         })
     }
 
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -123,6 +124,7 @@ impl Mem {
 
     /// Raw pointer to byte `off`, for handing to the kernel. `off <= len` is required and
     /// checked; callers pair it with a length checked through [`Mem::range`].
+    #[inline]
     pub(crate) fn ptr_at(&self, off: usize) -> *mut u8 {
         assert!(
             off <= self.len,
@@ -351,11 +353,13 @@ impl Slice {
         Some(Slice { mem, off, len })
     }
 
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// The memory this slice is part of.
+    #[inline]
     pub(crate) fn mem(&self) -> &std::sync::Arc<Mem> {
         &self.mem
     }
@@ -366,6 +370,7 @@ impl Slice {
     }
 
     /// Start pointer, valid for `len` bytes while the slice lives.
+    #[inline]
     pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.mem.ptr_at(self.off)
     }

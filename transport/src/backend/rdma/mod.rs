@@ -192,7 +192,7 @@ struct Inflight {
     deadline: Option<Instant>,
     wrs: u32,
     /// The first error a work request reported.
-    error: Option<Error>,
+    error: Option<Box<Error>>,
     /// Atomics: the result slot.
     atomic: Option<usize>,
     /// Bytes to count on success, and as what.
@@ -1771,7 +1771,7 @@ impl RdmaEngine {
                 }
             }
             if f.error.is_none() {
-                f.error = err.as_ref().map(clone_err);
+                f.error = err.as_ref().map(|e| Box::new(clone_err(e)));
             }
             Self::try_finish(c, op);
         }
@@ -1785,16 +1785,17 @@ impl RdmaEngine {
     /// Complete operation `op` if nothing of it is outstanding: all of it posted, every
     /// work request completed, and (messages) the peer's acknowledgement in.
     fn try_finish(c: &mut RConn, op: u32) {
-        let ready = c
-            .ops
-            .get(&u64::from(op))
-            .is_some_and(|f| f.wrs == 0 && !f.needs_ack && c.head.op != Some(op));
-        if !ready {
+        let head = c.head.op;
+        let std::collections::hash_map::Entry::Occupied(e) = c.ops.entry(u64::from(op)) else {
+            return;
+        };
+        let f = e.get();
+        if f.wrs != 0 || f.needs_ack || head == Some(op) {
             return;
         }
-        let f = c.ops.remove(&u64::from(op)).expect("op");
+        let f = e.remove();
         let r = match f.error {
-            Some(e) => Err(e),
+            Some(e) => Err(*e),
             None => {
                 if let Some(what) = f.what {
                     f.conn.count(what, f.bytes);
