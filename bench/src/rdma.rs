@@ -78,7 +78,10 @@ fn ticks() -> u64 {
 
 /// 2-byte RDMA READ round trips, one at a time, timed with the time-stamp counter
 /// (calibrated against the clock over the whole run): (median, p99) in µs, and the
-/// counter's rate in MHz.
+/// counter's rate in MHz. Never inlined, so that an instruction profiler can count
+/// exactly this loop (`valgrind --tool=callgrind --toggle-collect='*read_latency*'`,
+/// docs/benchmarks.md): its `n / 10` warm-up reads and `n` timed ones.
+#[inline(never)]
 fn read_latency(
     conn: &pfs_transport::Connection,
     local: &pfs_transport::Region,
