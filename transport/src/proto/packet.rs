@@ -23,7 +23,7 @@ pub const PREFIX_LEN: usize = 12;
 /// Most SACK ranges one ACK block carries.
 pub const MAX_SACK: usize = 16;
 /// Largest ACK block.
-pub const MAX_ACK_LEN: usize = 10 + 4 * MAX_SACK;
+pub const MAX_ACK_LEN: usize = 12 + 4 * MAX_SACK;
 
 /// Flag: an ACK block follows the prefix.
 const FLAG_ACK: u16 = 1;
@@ -366,6 +366,19 @@ pub fn seq_le(a: u32, b: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_ack_block_is_max_ack_len_bytes() {
+        let a = AckBlock {
+            cumulative: u32::MAX,
+            window: u32::MAX,
+            delay_us: u16::MAX,
+            ranges: vec![SackRange { gap: 1, len: 1 }; MAX_SACK + 3],
+        };
+        let mut out = Vec::new();
+        put_ack(&mut out, &a);
+        assert_eq!(out.len(), MAX_ACK_LEN);
+    }
     use proptest::prelude::*;
 
     fn ack() -> impl Strategy<Value = AckBlock> {
