@@ -184,6 +184,29 @@ enum Phase {
     Up,
 }
 
+impl Inflight {
+    /// Nothing posted, counted or failed yet.
+    fn new(
+        (done, deadline): (Arc<Completion>, Option<Instant>),
+        conn: &Arc<ConnShared>,
+        local: Option<Slice>,
+    ) -> Inflight {
+        Inflight {
+            done,
+            conn: conn.clone(),
+            deadline,
+            wrs: 0,
+            error: None,
+            atomic: None,
+            bytes: 0,
+            what: None,
+            needs_ack: false,
+            timed_out: false,
+            _local: local,
+        }
+    }
+}
+
 /// An operation with work requests on the wire.
 struct Inflight {
     done: Arc<Completion>,
@@ -559,9 +582,7 @@ impl RdmaEngine {
             }
             _ => return Err(req),
         };
-        if !Rights::from_bits(g.rights).is_some_and(|r| r.contains(need))
-            || t.offset.checked_add(len).is_none_or(|e| e > g.len)
-        {
+        if refusal(&g, t, need, len, true, String::new).is_some() {
             return Err(req);
         }
         let inline = is_write && len <= u64::from(c.caps.inline);
@@ -579,20 +600,13 @@ impl RdmaEngine {
             }
         };
         let op = c.next_op;
-        let mut wr = [verbs::SendWr {
-            wr_id: wr_id(K_OP, None, op),
-            opcode: if is_write {
-                verbs::OP_WRITE
-            } else {
-                verbs::OP_READ
-            },
-            flags: verbs::SIGNALED | if inline { verbs::INLINE } else { 0 },
-            sge: verbs::sge(local.as_ptr() as u64, len as u32, lkey),
-            remote: verbs::Remote::Rdma {
-                addr: g.addr + t.offset,
-                rkey: g.rkey,
-            },
-        }];
+        let mut wr = [rw_wr(
+            op,
+            is_write,
+            inline,
+            (local.as_ptr() as u64, len as u32, lkey),
+            (g.addr + t.offset, g.rkey),
+        )];
         if c.id().post_send(&mut wr).is_err() {
             // The queued path posts it again and ends the connection on the error.
             return Err(req);
@@ -611,21 +625,14 @@ impl RdmaEngine {
         c.ops.insert(
             u64::from(op),
             Inflight {
-                done,
-                conn: conn.clone(),
-                deadline,
                 wrs: 1,
-                error: None,
-                atomic: None,
                 bytes: len,
                 what: Some(if is_write {
                     C::bytes_written
                 } else {
                     C::bytes_read
                 }),
-                needs_ack: false,
-                timed_out: false,
-                _local: Some(local),
+                ..Inflight::new((done, deadline), conn, Some(local))
             },
         );
         Ok(())
@@ -636,24 +643,12 @@ impl RdmaEngine {
         let mut n = 0;
         while let Some((conn, req)) = self.ops.pop() {
             n += 1;
-            self.enqueue(st, &conn, req);
+            match key_of(st, &conn) {
+                Some(k) => st.conns.get_mut(&k).expect("found").queue.push_back(req),
+                None => conn.finish(&req.done, Err(Error::lost(conn.close_reason()))),
+            }
         }
         n
-    }
-
-    /// Queue `req` behind its connection's earlier operations; the `Option` is the
-    /// connection's key (`None`: closed, and `req` has failed).
-    fn enqueue(&self, st: &mut State, conn: &Arc<ConnShared>, req: OpReq) -> Option<u64> {
-        match key_of(st, conn) {
-            Some(k) => {
-                st.conns.get_mut(&k).expect("found").queue.push_back(req);
-                Some(k)
-            }
-            None => {
-                conn.finish(&req.done, Err(Error::lost(conn.close_reason())));
-                None
-            }
-        }
     }
 
     fn handle_ctl(&self, st: &mut State, c: Ctl) {
@@ -1330,35 +1325,7 @@ impl RdmaEngine {
                 return Ok(0);
             };
             // Checked against the target's own answer: never let the NIC refuse.
-            let refuse = if !Rights::from_bits(g.rights)
-                .unwrap_or(Rights::NONE)
-                .contains(need)
-            {
-                Some(Error::AccessDenied {
-                    reason: format!(
-                        "refused by the target: the key grants {}, this access needs {need}",
-                        Rights::from_bits(g.rights).unwrap_or(Rights::NONE)
-                    ),
-                })
-            } else if t.offset.checked_add(len).is_none_or(|e| e > g.len) {
-                Some(Error::OutOfBounds {
-                    offset: t.offset,
-                    len,
-                    region_len: g.len,
-                })
-            } else if need == Rights::ATOMIC && !(g.addr + t.offset).is_multiple_of(8) {
-                Some(Error::Misaligned { offset: t.offset })
-            } else if need == Rights::ATOMIC && !dev_atomics {
-                Some(Error::Unsupported {
-                    reason: format!(
-                        "the RDMA device {} offers no atomic operations (atomic_cap NONE)",
-                        c.where_()
-                    ),
-                })
-            } else {
-                None
-            };
-            if let Some(e) = refuse {
+            if let Some(e) = refusal(&g, &t, need, len, dev_atomics, || c.where_()) {
                 let r = c.queue.pop_front().expect("head");
                 shared.finish(&r.done, Err(e));
                 return Ok(1);
@@ -1396,19 +1363,7 @@ impl RdmaEngine {
         c.next_op = c.next_op.wrapping_add(1).max(1);
         c.ops.insert(
             u64::from(id),
-            Inflight {
-                done,
-                conn: shared.clone(),
-                deadline,
-                wrs: 0,
-                error: None,
-                atomic: None,
-                bytes: 0,
-                what: None,
-                needs_ack: false,
-                timed_out: false,
-                _local: local,
-            },
+            Inflight::new((done, deadline), shared, local),
         );
         id
     }
@@ -1559,7 +1514,7 @@ impl RdmaEngine {
             shared,
             g,
             (local, t, notify, is_write),
-            lkey,
+            (lkey, small_inline),
             &mut wrs,
         );
         st.wrs = wrs;
@@ -1573,10 +1528,9 @@ impl RdmaEngine {
         shared: &Arc<ConnShared>,
         g: GrantInfo,
         (local, t, notify, is_write): (Slice, Target, Option<u32>, bool),
-        lkey: u32,
+        (lkey, small_inline): (u32, bool),
         wrs: &mut Vec<verbs::SendWr>,
     ) -> std::io::Result<usize> {
-        let small_inline = is_write && local.len() <= st.conns[&k].caps.inline as usize;
         let c = st.conns.get_mut(&k).expect("conn");
         let head = c.queue.front().expect("head");
         let total = local.len() as u64;
@@ -1606,21 +1560,13 @@ impl RdmaEngine {
         let need_notify = notify.is_some();
         while wrs.len() < room && (at < total || (total == 0 && wrs.is_empty() && at == 0)) {
             let n = (total - at).min(CHUNK);
-            let flags = verbs::SIGNALED | if small_inline { verbs::INLINE } else { 0 };
-            wrs.push(verbs::SendWr {
-                wr_id: wr_id(K_OP, None, op),
-                opcode: if is_write {
-                    verbs::OP_WRITE
-                } else {
-                    verbs::OP_READ
-                },
-                flags,
-                sge: verbs::sge(local.as_ptr() as u64 + at, n as u32, lkey),
-                remote: verbs::Remote::Rdma {
-                    addr: g.addr + t.offset + at,
-                    rkey: g.rkey,
-                },
-            });
+            wrs.push(rw_wr(
+                op,
+                is_write,
+                small_inline,
+                (local.as_ptr() as u64 + at, n as u32, lkey),
+                (g.addr + t.offset + at, g.rkey),
+            ));
             at += n;
             if total == 0 {
                 break;
@@ -2235,6 +2181,66 @@ fn clone_err(e: &Error) -> Error {
             reason: reason.clone(),
         },
         other => Error::lost(other.to_string()),
+    }
+}
+
+/// Why the target's answer `g` does not allow this access (`None`: it does), checked
+/// before posting so that the NIC never refuses one. `dev` names the device, for the
+/// error of an atomic on a device without atomics.
+fn refusal(
+    g: &GrantInfo,
+    t: &Target,
+    need: Rights,
+    len: u64,
+    dev_atomics: bool,
+    dev: impl FnOnce() -> String,
+) -> Option<Error> {
+    let granted = Rights::from_bits(g.rights).unwrap_or(Rights::NONE);
+    if !granted.contains(need) {
+        Some(Error::AccessDenied {
+            reason: format!(
+                "refused by the target: the key grants {granted}, this access needs {need}"
+            ),
+        })
+    } else if t.offset.checked_add(len).is_none_or(|e| e > g.len) {
+        Some(Error::OutOfBounds {
+            offset: t.offset,
+            len,
+            region_len: g.len,
+        })
+    } else if need == Rights::ATOMIC && !(g.addr + t.offset).is_multiple_of(8) {
+        Some(Error::Misaligned { offset: t.offset })
+    } else if need == Rights::ATOMIC && !dev_atomics {
+        Some(Error::Unsupported {
+            reason: format!(
+                "the RDMA device {} offers no atomic operations (atomic_cap NONE)",
+                dev()
+            ),
+        })
+    } else {
+        None
+    }
+}
+
+/// The work request of one read or write chunk: `len` bytes at `local` to or from the
+/// target's `remote` under `rkey`.
+fn rw_wr(
+    op: u32,
+    is_write: bool,
+    inline: bool,
+    (local, len, lkey): (u64, u32, u32),
+    (remote, rkey): (u64, u32),
+) -> verbs::SendWr {
+    verbs::SendWr {
+        wr_id: wr_id(K_OP, None, op),
+        opcode: if is_write {
+            verbs::OP_WRITE
+        } else {
+            verbs::OP_READ
+        },
+        flags: verbs::SIGNALED | if inline { verbs::INLINE } else { 0 },
+        sge: verbs::sge(local, len, lkey),
+        remote: verbs::Remote::Rdma { addr: remote, rkey },
     }
 }
 
