@@ -117,9 +117,10 @@ impl ConnShared {
     }
 
     pub(crate) fn engine(&self) -> &Arc<dyn Engine> {
-        &self.driver.engines[0]
+        &self.driver.engines()[0]
     }
 
+    #[inline]
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -151,6 +152,7 @@ impl ConnShared {
     }
 
     /// Complete an operation and account for it.
+    #[inline(always)]
     pub(crate) fn finish(&self, done: &Completion, r: Result<u64>) {
         match &r {
             Ok(_) => self.count(C::ops_completed, 1),
@@ -824,6 +826,7 @@ impl Connection {
         self.shared.engine().close(&self.shared);
     }
 
+    #[inline]
     fn remote(&self, key: &RegionKey, offset: u64, len: u64, need: Rights) -> Result<Target> {
         if key.owner != self.shared.peer_id {
             return Err(Error::AccessDenied {
@@ -852,6 +855,7 @@ impl Connection {
         })
     }
 
+    #[inline]
     fn local(&self, region: &Region, offset: u64, len: u64) -> Result<crate::sys::mem::Slice> {
         if region.owner() != self.shared.core.id {
             return Err(Error::InvalidArgument(
@@ -874,6 +878,7 @@ impl Connection {
         region.slice(offset, len)
     }
 
+    #[inline(always)]
     fn submit<T: crate::op::OpOutput>(&self, kind: OpKind, key_len: u64) -> Result<Op<T>> {
         let s = &self.shared;
         if s.is_closed() {
@@ -887,7 +892,7 @@ impl Connection {
                 limit: max,
             });
         }
-        let done = Completion::new();
+        let done = s.driver.completion();
         let req = OpReq {
             kind,
             done: done.clone(),
@@ -907,6 +912,7 @@ impl Connection {
 
     /// Write `len` bytes of `local` at `local_offset` into the remote region of `key` at
     /// `remote_offset`. Completes once the bytes are in the target region.
+    #[inline(always)]
     pub fn write(
         &self,
         local: &Region,
@@ -955,6 +961,7 @@ impl Connection {
 
     /// Read `len` bytes of the remote region of `key` at `remote_offset` into `local` at
     /// `local_offset`. Completes once the bytes are in `local`.
+    #[inline(always)]
     pub fn read(
         &self,
         local: &Region,

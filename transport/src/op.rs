@@ -23,11 +23,17 @@ pub(crate) struct Notify {
 
 impl Notify {
     /// Wake everyone registered. Call after publishing the state change.
+    #[inline]
     pub(crate) fn wake_all(&self) {
         std::sync::atomic::fence(Ordering::SeqCst);
-        if !self.has_waiters.load(Ordering::SeqCst) {
-            return;
+        if self.has_waiters.load(Ordering::SeqCst) {
+            self.wake_registered();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wake_registered(&self) {
         let (threads, wakers) = {
             let mut w = self.waiters.lock().expect("waiter lock poisoned");
             self.has_waiters.store(false, Ordering::SeqCst);
@@ -42,6 +48,7 @@ impl Notify {
     }
 
     /// Forget every registration (a recycled completion starts with none).
+    #[inline]
     fn clear(&mut self) {
         *self.has_waiters.get_mut() = false;
         let w = self.waiters.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -67,13 +74,24 @@ impl Notify {
     }
 }
 
-/// How a waiting thread makes progress: who drives the engine, and spin or sleep.
+/// How a waiting thread makes progress: who drives the engine, and spin or sleep. A
+/// connection's driver also keeps the completions its operations' handles gave back.
 #[derive(Clone)]
 pub(crate) struct Driver {
-    pub(crate) engines: Arc<[Arc<dyn Engine>]>,
+    inner: Arc<DriverInner>,
     pub(crate) caller_drives: bool,
     pub(crate) busy: bool,
 }
+
+struct DriverInner {
+    engines: Arc<[Arc<dyn Engine>]>,
+    /// Completions no handle or engine holds any more, for the next operations: a small
+    /// operation then allocates nothing.
+    spare: Mutex<Vec<Arc<Completion>>>,
+}
+
+/// How many given-back completions a driver keeps.
+const SPARE_MAX: usize = 64;
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,15 +109,50 @@ impl Driver {
         wait: WaitMode,
     ) -> Driver {
         Driver {
-            engines,
+            inner: Arc::new(DriverInner {
+                engines,
+                spare: Mutex::new(Vec::new()),
+            }),
             caller_drives: *progress == Progress::Caller,
             busy: wait == WaitMode::BusyPoll,
         }
     }
 
+    /// The engines this driver runs.
+    #[inline]
+    pub(crate) fn engines(&self) -> &[Arc<dyn Engine>] {
+        &self.inner.engines
+    }
+
+    /// A pending completion: a given-back one if there is one (never waiting for the
+    /// lock: another thread holding it means a fresh one).
+    #[inline(always)]
+    pub(crate) fn completion(&self) -> Arc<Completion> {
+        self.inner
+            .spare
+            .try_lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default()
+    }
+
+    /// Keep `c` for a later operation if nothing else holds it.
+    #[inline(always)]
+    fn give_back(&self, c: &mut Arc<Completion>) {
+        let Some(m) = Arc::get_mut(c) else {
+            return;
+        };
+        m.reset();
+        if let Ok(mut v) = self.inner.spare.try_lock()
+            && v.len() < SPARE_MAX
+        {
+            v.push(Arc::clone(c));
+        }
+    }
+
     /// Drive every engine once.
     pub(crate) fn progress(&self) -> usize {
-        self.engines.iter().map(|e| e.progress()).sum()
+        self.engines().iter().map(|e| e.progress()).sum()
     }
 
     /// Wait until `ready()` returns `Some`, or `deadline` passes (`None` result).
@@ -137,7 +190,7 @@ impl Driver {
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(None);
             }
-            for e in self.engines.iter() {
+            for e in self.engines() {
                 e.health()?;
             }
             let slice = deadline
@@ -149,7 +202,7 @@ impl Driver {
                     if let Some(v) = ready() {
                         return Ok(Some(v));
                     }
-                    if let [one] = &self.engines[..] {
+                    if let [one] = self.engines() {
                         one.park(slice);
                     } else {
                         std::thread::sleep(slice.min(Duration::from_micros(50)));
@@ -194,37 +247,17 @@ const OK: u8 = 2;
 const ERR: u8 = 3;
 const TAKEN: u8 = 4;
 
-/// Completions an [`Op`] handle gave back, for the next operations this thread submits:
-/// a small operation then allocates nothing.
-const POOL_MAX: usize = 64;
-thread_local! {
-    static POOL: std::cell::RefCell<Vec<Arc<Completion>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 impl Completion {
-    pub(crate) fn new() -> Arc<Completion> {
-        POOL.with(|p| p.borrow_mut().pop())
-            .unwrap_or_else(|| Arc::new(Completion::default()))
-    }
-
-    /// Give a completion back to this thread's pool if nothing else holds it.
-    fn recycle(c: &mut Arc<Completion>) {
-        let Some(m) = Arc::get_mut(c) else {
-            return;
-        };
-        *m.state.get_mut() = PENDING;
-        *m.error.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
-        m.notify.clear();
-        let c = Arc::clone(c);
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(c);
-            }
-        });
+    /// Pending again, with no waiters (only its last holder resets it).
+    #[inline]
+    fn reset(&mut self) {
+        *self.state.get_mut() = PENDING;
+        *self.error.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        self.notify.clear();
     }
 
     /// Record the result (first call wins) and wake waiters.
+    #[inline(always)]
     pub(crate) fn complete(&self, r: Result<u64>) {
         if self
             .state
@@ -247,12 +280,14 @@ impl Completion {
         self.notify.wake_all();
     }
 
+    #[inline]
     pub(crate) fn is_done(&self) -> bool {
         matches!(self.state.load(Ordering::Acquire), OK | ERR | TAKEN)
     }
 
     /// The result, once: `None` before completion and after it was taken. Only the
     /// owning [`Op`] takes, so no two threads race here.
+    #[inline(always)]
     fn take(&self) -> Option<Result<u64>> {
         let r = match self.state.load(Ordering::Acquire) {
             OK => Ok(self.value.load(Ordering::Relaxed)),
@@ -307,10 +342,11 @@ pub struct Op<T: OpOutput> {
 }
 
 impl<T: OpOutput> Drop for Op<T> {
+    #[inline]
     fn drop(&mut self) {
         // The engine drops its reference once the operation is over; an operation still
         // in flight keeps its completion (and this handle's is just released).
-        Completion::recycle(&mut self.c);
+        self.driver.give_back(&mut self.c);
     }
 }
 
@@ -332,6 +368,7 @@ impl<T: OpOutput> Op<T> {
     }
 
     /// Whether the operation has completed.
+    #[inline]
     pub fn is_done(&self) -> bool {
         self.c.is_done()
     }
@@ -346,7 +383,17 @@ impl<T: OpOutput> Op<T> {
     }
 
     /// Block until the operation completes and return its result.
+    #[inline(always)]
     pub fn wait(self) -> Result<T> {
+        // Done already (a device that completes within the post, polled by `submit`).
+        if let Some(r) = self.c.take() {
+            return r.map(T::from_raw);
+        }
+        self.wait_pending()
+    }
+
+    #[inline(never)]
+    fn wait_pending(self) -> Result<T> {
         match self.driver.wait(&self.c.notify, None, || self.c.take())? {
             Some(r) => r.map(T::from_raw),
             None => Err(Error::Closed("operation result already taken")),
@@ -534,7 +581,7 @@ mod tests {
 
     #[test]
     fn first_completion_wins_and_the_result_is_taken_once() {
-        let c = Completion::new();
+        let c = Arc::new(Completion::default());
         assert!(!c.is_done());
         assert!(c.take().is_none());
         c.complete(Ok(7));
@@ -544,7 +591,7 @@ mod tests {
         assert!(c.take().is_none());
         assert!(c.is_done());
 
-        let e = Completion::new();
+        let e = Arc::new(Completion::default());
         e.complete(Err(Error::Timeout {
             after: Duration::from_secs(1),
         }));
@@ -554,25 +601,31 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_completion_starts_over_and_a_shared_one_is_not_recycled() {
-        // Drain this thread's pool so the next `new` shows where it came from.
-        POOL.with(|p| p.borrow_mut().clear());
-        let mut c = Completion::new();
+    fn a_given_back_completion_starts_over_and_a_shared_one_is_not_kept() {
+        let d = Driver::new(Arc::from(Vec::new()), &Progress::Caller, WaitMode::BusyPoll);
+        let mut c = d.completion();
         c.notify.register_thread();
         c.complete(Err(Error::Closed("first use")));
         let held = Arc::clone(&c);
-        Completion::recycle(&mut c);
-        assert_eq!(POOL.with(|p| p.borrow().len()), 0, "still shared: kept out");
+        d.give_back(&mut c);
+        assert!(
+            d.inner.spare.lock().unwrap().is_empty(),
+            "still shared: not kept"
+        );
         drop(held);
         let addr = Arc::as_ptr(&c);
-        Completion::recycle(&mut c);
+        d.give_back(&mut c);
         drop(c);
-        let again = Completion::new();
+        let again = d.completion();
         assert_eq!(Arc::as_ptr(&again), addr, "reused");
         assert!(!again.is_done());
         assert!(again.take().is_none());
         assert!(!again.notify.has_waiters.load(Ordering::SeqCst));
         again.complete(Ok(3));
         assert!(matches!(again.take(), Some(Ok(3))));
+        // A handle gives its completion back when dropped.
+        let op: Op<u64> = Op::new(again, d.clone());
+        drop(op);
+        assert_eq!(d.inner.spare.lock().unwrap().len(), 1);
     }
 }

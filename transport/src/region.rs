@@ -216,6 +216,7 @@ impl Region {
     }
 
     /// A slice for operations, checked against the region's bounds.
+    #[inline]
     pub(crate) fn slice(&self, offset: u64, len: u64) -> Result<Slice> {
         Slice::new(self.inner.mem.clone(), offset, len).ok_or_else(|| Error::OutOfBounds {
             offset,

@@ -114,6 +114,7 @@ impl Mem {
     }
 
     /// `off..off+len` as `usize` bounds, if it lies inside the memory.
+    #[inline]
     pub(crate) fn range(&self, off: u64, len: u64) -> Option<(usize, usize)> {
         let end = off.checked_add(len)?;
         if end > self.len as u64 {
@@ -126,11 +127,9 @@ impl Mem {
     /// checked; callers pair it with a length checked through [`Mem::range`].
     #[inline]
     pub(crate) fn ptr_at(&self, off: usize) -> *mut u8 {
-        assert!(
-            off <= self.len,
-            "offset {off} beyond memory of {}",
-            self.len
-        );
+        if off > self.len {
+            beyond(off, self.len);
+        }
         // SAFETY: `off <= len`, so the result stays within (or one past) the allocation.
         unsafe { self.ptr.as_ptr().add(off) }
     }
@@ -348,6 +347,7 @@ pub(crate) struct Slice {
 
 impl Slice {
     /// `off..off+len` of `mem`, or `None` if it does not fit.
+    #[inline]
     pub(crate) fn new(mem: std::sync::Arc<Mem>, off: u64, len: u64) -> Option<Slice> {
         let (off, len) = mem.range(off, len)?;
         Some(Slice { mem, off, len })
@@ -401,4 +401,11 @@ impl Slice {
             len: len as usize,
         })
     }
+}
+
+/// The panic of [`Mem::ptr_at`], out of line: the check is on every operation's path.
+#[cold]
+#[inline(never)]
+fn beyond(off: usize, len: usize) -> ! {
+    panic!("offset {off} beyond memory of {len}")
 }

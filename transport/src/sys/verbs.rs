@@ -443,31 +443,37 @@ impl CmId {
     }
 
     /// Post a chain of send work requests.
+    #[inline(always)]
     pub(crate) fn post_send(&self, wrs: &mut [SendWr]) -> io::Result<()> {
-        match wrs.len() {
-            0 => Ok(()),
+        match wrs {
+            [] => Ok(()),
             // The common case of one request, with nothing allocated.
-            1 => {
-                let mut sge = raw_sge(&wrs[0]);
-                let mut raw = raw_wr(&wrs[0], &mut sge);
+            [one] => {
+                let mut sge = raw_sge(one);
+                let mut raw = raw_wr(one, &mut sge);
                 self.post_raw(&mut raw)
             }
-            n => {
-                let mut sges: Vec<rs::ibv_sge> = wrs.iter().map(raw_sge).collect();
-                let mut raw: Vec<rs::ibv_send_wr> = wrs
-                    .iter()
-                    .zip(sges.iter_mut())
-                    .map(|(w, sge)| raw_wr(w, sge))
-                    .collect();
-                for i in 0..n - 1 {
-                    let next: *mut rs::ibv_send_wr = &mut raw[i + 1];
-                    raw[i].next = next;
-                }
-                self.post_raw(&mut raw[0])
-            }
+            _ => self.post_chain(wrs),
         }
     }
 
+    /// A chain of two or more: the SGEs and requests in vectors, linked.
+    #[inline(never)]
+    fn post_chain(&self, wrs: &[SendWr]) -> io::Result<()> {
+        let mut sges: Vec<rs::ibv_sge> = wrs.iter().map(raw_sge).collect();
+        let mut raw: Vec<rs::ibv_send_wr> = wrs
+            .iter()
+            .zip(sges.iter_mut())
+            .map(|(w, sge)| raw_wr(w, sge))
+            .collect();
+        for i in 0..raw.len() - 1 {
+            let next: *mut rs::ibv_send_wr = &mut raw[i + 1];
+            raw[i].next = next;
+        }
+        self.post_raw(&mut raw[0])
+    }
+
+    #[inline(always)]
     fn post_raw(&self, first: &mut rs::ibv_send_wr) -> io::Result<()> {
         let mut bad: *mut rs::ibv_send_wr = ptr::null_mut();
         // SAFETY: a live QP; the chain and its SGEs live until the call returns, which is
@@ -855,6 +861,7 @@ impl Cq {
     }
 
     /// Poll up to `max` (at most 32) completions into `out`.
+    #[inline(always)]
     pub(crate) fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {
         let mut wc = std::mem::MaybeUninit::<[rs::ibv_wc; 32]>::uninit();
         let n = max.min(32) as i32;

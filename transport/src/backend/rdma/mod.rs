@@ -546,13 +546,27 @@ impl RdmaEngine {
     /// whose key is known and valid and whose local memory is the last registered one,
     /// in one work request. Anything else (`Err`) goes through the queue and
     /// `issue_head`, which also reports every refusal.
+    ///
+    /// After the post it reaps. A device that completes within the post (as soft-RoCE
+    /// does) has the operation's completion there already: it finishes here and never
+    /// enters the in-flight table. Otherwise it goes in, and the completions found are
+    /// handled as in a pass.
     fn post_now(
+        &self,
         st: &mut State,
         k: u64,
         conn: &Arc<ConnShared>,
         req: OpReq,
     ) -> std::result::Result<(), OpReq> {
-        let Some(c) = st.conns.get_mut(&k) else {
+        // One lookup of the connection for the checks, the post and the reap.
+        let State {
+            conns,
+            now,
+            last_local,
+            wcs,
+            ..
+        } = st;
+        let Some(c) = conns.get_mut(&k) else {
             return Err(req);
         };
         let (local, t, is_write, need) = match &req.kind {
@@ -576,13 +590,15 @@ impl RdmaEngine {
             Some(((region, token), kn))
                 if region == t.region
                     && token == t.token
-                    && kn.expires.is_none_or(|e| e > st.now) =>
+                    && kn.expires.is_none_or(|e| e > *now) =>
             {
                 kn.info
             }
             _ => return Err(req),
         };
-        if refusal(&g, t, need, len, true, String::new).is_some() {
+        // The queued path reports a refusal (`refusal`); this only declines.
+        let granted = Rights::from_bits(g.rights).unwrap_or(Rights::NONE);
+        if !granted.contains(need) || t.offset.checked_add(len).is_none_or(|e| e > g.len) {
             return Err(req);
         }
         let inline = is_write && len <= u64::from(c.caps.inline);
@@ -590,7 +606,7 @@ impl RdmaEngine {
             0
         } else {
             let mem = local.mem();
-            match st.last_local {
+            match *last_local {
                 Some(((d, p, l), lkey))
                     if Some(d) == c.dev && p == mem.ptr_at(0) as usize && l == mem.len() =>
                 {
@@ -622,19 +638,39 @@ impl RdmaEngine {
         else {
             unreachable!("matched above");
         };
-        c.ops.insert(
-            u64::from(op),
-            Inflight {
-                wrs: 1,
-                bytes: len,
-                what: Some(if is_write {
-                    C::bytes_written
-                } else {
-                    C::bytes_read
-                }),
-                ..Inflight::new((done, deadline), conn, Some(local))
-            },
-        );
+        let mut wcs = std::mem::take(wcs);
+        wcs.clear();
+        if let Some(cq) = &c.cq {
+            cq.poll(&mut wcs, 32);
+        }
+        let id = wr_id(K_OP, None, op);
+        let mine = wcs
+            .iter()
+            .position(|wc| wc.wr_id == id && wc.status == verbs::WC_SUCCESS);
+        let what = if is_write {
+            C::bytes_written
+        } else {
+            C::bytes_read
+        };
+        if mine.is_some() {
+            c.sq_used = c.sq_used.saturating_sub(1);
+            conn.count(what, len);
+            conn.finish(&done, Ok(0));
+        } else {
+            c.ops.insert(
+                u64::from(op),
+                Inflight {
+                    wrs: 1,
+                    bytes: len,
+                    what: Some(what),
+                    ..Inflight::new((done, deadline), conn, Some(local))
+                },
+            );
+        }
+        if wcs.len() > usize::from(mine.is_some()) {
+            self.handle_wcs(st, k, &wcs, mine);
+        }
+        st.wcs = wcs;
         Ok(())
     }
 
@@ -1659,6 +1695,7 @@ impl RdmaEngine {
     }
 
     /// Handle the completions of connection `k` that are there.
+    #[inline(always)]
     fn completions_of(&self, st: &mut State, k: u64) -> usize {
         let mut wcs = std::mem::take(&mut st.wcs);
         wcs.clear();
@@ -1666,14 +1703,24 @@ impl RdmaEngine {
             cq.poll(&mut wcs, 32);
         }
         let n = wcs.len();
-        for wc in &wcs {
-            if !st.conns.contains_key(&k) {
-                break;
-            }
-            self.completion(st, k, wc);
+        if n > 0 {
+            self.handle_wcs(st, k, &wcs, None);
         }
         st.wcs = wcs;
         n
+    }
+
+    /// Handle completions of connection `k` in order, but the one at `skip` (handled
+    /// already), until one of them ends the connection.
+    fn handle_wcs(&self, st: &mut State, k: u64, wcs: &[verbs::Wc], skip: Option<usize>) {
+        for (i, wc) in wcs.iter().enumerate() {
+            if !st.conns.contains_key(&k) {
+                break;
+            }
+            if Some(i) != skip {
+                self.completion(st, k, wc);
+            }
+        }
     }
 
     fn completion(&self, st: &mut State, k: u64, wc: &verbs::Wc) {
@@ -2187,6 +2234,7 @@ fn clone_err(e: &Error) -> Error {
 /// Why the target's answer `g` does not allow this access (`None`: it does), checked
 /// before posting so that the NIC never refuses one. `dev` names the device, for the
 /// error of an atomic on a device without atomics.
+#[inline]
 fn refusal(
     g: &GrantInfo,
     t: &Target,
@@ -2244,6 +2292,7 @@ fn rw_wr(
     }
 }
 
+#[inline]
 fn key_of(st: &State, shared: &Arc<ConnShared>) -> Option<u64> {
     st.by_shared
         .get(&shared.id)
@@ -2314,17 +2363,14 @@ impl Engine for RdmaEngine {
                 conn.finish(&req.done, Err(Error::lost(conn.close_reason())));
                 return Ok(());
             };
-            let posted = match Self::post_now(&mut st, k, conn, req) {
-                Ok(()) => true,
+            match self.post_now(&mut st, k, conn, req) {
+                Ok(()) => {}
                 Err(req) => {
                     st.conns.get_mut(&k).expect("found").queue.push_back(req);
-                    self.issue(&mut st, k) > 0
+                    if self.issue(&mut st, k) > 0 {
+                        self.completions_of(&mut st, k);
+                    }
                 }
-            };
-            // Reap what is already there: a device that completes within the post (as
-            // soft-RoCE does) finishes the operation before `submit` returns.
-            if posted {
-                self.completions_of(&mut st, k);
             }
             return Ok(());
         }
