@@ -129,19 +129,24 @@ pub(crate) fn cpus(client: bool) -> &'static str {
 /// Start `pfs-bench server` (this executable) for `scheme` on loopback, pinned like the
 /// baseline servers.
 fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
-    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "server",
+        "--listen",
+        &format!("{scheme}://127.0.0.1:0"),
+        "--cpu",
+        cpus(false),
+        "--busy-poll",
+        "--die-with-parent",
+    ]);
+    start_pfs_server(cmd)
+}
+
+/// Run `cmd` (a `pfs-bench server` command line) and read the address it listens on
+/// from its first line of output. The process is killed when the `Proc` is dropped.
+pub(crate) fn start_pfs_server(mut cmd: Command) -> AnyResult<(Proc, Address)> {
     let mut child = Proc(
-        Command::new(exe)
-            .args([
-                "server",
-                "--listen",
-                &format!("{scheme}://127.0.0.1:0"),
-                "--cpu",
-                cpus(false),
-                "--busy-poll",
-                "--die-with-parent",
-            ])
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?,
     );
@@ -152,7 +157,8 @@ fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
         .trim()
         .rsplit(' ')
         .next()
-        .ok_or("server printed no address")?;
+        .filter(|a| !a.is_empty())
+        .ok_or("the server printed no address (its errors are above)")?;
     Ok((child, Address::parse(addr)?))
 }
 

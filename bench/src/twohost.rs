@@ -4,7 +4,6 @@
 //! 1500 (`tools/topology.sh up`). Servers run as child processes entered into pfs-a with
 //! `nsenter --net` (`ip netns exec` would remount /sys and hide bpffs).
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use pfs_transport::Address;
 
 use crate::baseline::{
     CompareArgs, Proc, cpus, iperf3_command, iperf3_gbit, need, parse_sockperf_p50,
-    sockperf_command,
+    sockperf_command, start_pfs_server,
 };
 use crate::report::{Comparison, Report};
 use crate::scenario::Test;
@@ -79,32 +78,19 @@ pub(crate) fn pfs_server(scheme: &str) -> AnyResult<(Proc, Address)> {
         "xdp" => format!("xdp://{SERVER_IF}/{SERVER_IP}:0"),
         s => format!("{s}://{SERVER_IP}:0"),
     };
-    let mut child = Proc(
-        in_ns(SERVER_NS, &exe.to_string_lossy())
-            .args([
-                "server",
-                "--listen",
-                &listen,
-                "--cpu",
-                cpus(false),
-                "--busy-poll",
-                "--mtu",
-                &mtu().to_string(),
-                "--die-with-parent",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?,
-    );
-    let out = child.0.stdout.take().ok_or("no server stdout")?;
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line)?;
-    let addr = Address::parse(
-        line.trim()
-            .rsplit(' ')
-            .next()
-            .ok_or("server printed no address")?,
-    )?;
+    let mut cmd = in_ns(SERVER_NS, &exe.to_string_lossy());
+    cmd.args([
+        "server",
+        "--listen",
+        &listen,
+        "--cpu",
+        cpus(false),
+        "--busy-poll",
+        "--mtu",
+        &mtu().to_string(),
+        "--die-with-parent",
+    ]);
+    let (child, addr) = start_pfs_server(cmd)?;
     let port = addr.socket_addr().port();
     let dial = match scheme {
         "xdp" => format!("xdp://{CLIENT_IF}/{SERVER_IP}:{port}"),
@@ -175,7 +161,7 @@ fn raw(secs: u64) -> AnyResult<pfs_transport::rawxdp::RawCount> {
             .spawn()?,
     );
     let out = sink.0.stdout.take().ok_or("no sink stdout")?;
-    let mut lines = BufReader::new(out).lines();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
     let ready = lines.next().ok_or("raw sink exited")??;
     if !ready.starts_with("ready") {
         return Err(format!("raw sink: {ready}").into());

@@ -345,7 +345,7 @@ fn bench(quick: bool) -> R {
                 &bin,
                 "rdma",
                 "--rounds",
-                if quick { "1" } else { "3" },
+                if quick { "1" } else { "5" },
                 "--json",
                 &rdma_json.to_string_lossy(),
             ],
