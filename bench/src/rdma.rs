@@ -179,8 +179,8 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     // The target side runs in a process of its own, as perftest's server does (and as
     // it would on another host): a `pfs-bench server` that only hands out registrations
     // and sleeps (its NIC serves the accesses). The measuring process keeps to its one
-    // thread, busy-polling, as perftest's client does: under TCG a second thread in the
-    // process (even asleep) made every post ~2 µs slower.
+    // thread, busy-polling, as perftest's client does (under TCG a diagnostic build
+    // posted about 2 µs faster with no second thread in the process; not established).
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args([
         "server",

@@ -444,7 +444,7 @@ impl CmId {
 
     /// Post a chain of send work requests.
     #[inline(always)]
-    pub(crate) fn post_send(&self, wrs: &mut [SendWr]) -> io::Result<()> {
+    pub(crate) fn post_send(&self, wrs: &[SendWr]) -> io::Result<()> {
         match wrs {
             [] => Ok(()),
             // The common case of one request, with nothing allocated.

@@ -596,9 +596,8 @@ impl RdmaEngine {
             }
             _ => return Err(req),
         };
-        // The queued path reports a refusal (`refusal`); this only declines.
-        let granted = Rights::from_bits(g.rights).unwrap_or(Rights::NONE);
-        if !granted.contains(need) || t.offset.checked_add(len).is_none_or(|e| e > g.len) {
+        // The queued path reports a refusal; this only declines.
+        if refusal(&g, t, need, len, true, String::new).is_some() {
             return Err(req);
         }
         let inline = is_write && len <= u64::from(c.caps.inline);
@@ -616,14 +615,14 @@ impl RdmaEngine {
             }
         };
         let op = c.next_op;
-        let mut wr = [rw_wr(
+        let wr = [rw_wr(
             op,
             is_write,
             inline,
             (local.as_ptr() as u64, len as u32, lkey),
             (g.addr + t.offset, g.rkey),
         )];
-        if c.id().post_send(&mut wr).is_err() {
+        if c.id().post_send(&wr).is_err() {
             // The queued path posts it again and ends the connection on the error.
             return Err(req);
         }
@@ -1264,7 +1263,7 @@ impl RdmaEngine {
             } else {
                 0
             };
-        let mut wr = [verbs::SendWr {
+        let wr = [verbs::SendWr {
             wr_id: id,
             opcode: verbs::OP_SEND,
             flags,
@@ -1272,7 +1271,7 @@ impl RdmaEngine {
             remote: verbs::Remote::None,
         }];
         c.id()
-            .post_send(&mut wr)
+            .post_send(&wr)
             .inspect_err(|_| c.send_free.push(slot))?;
         c.sq_used += 1;
         Ok(())
@@ -1475,7 +1474,7 @@ impl RdmaEngine {
         };
         let op = Self::new_inflight(c, (req.done.clone(), req.deadline), shared, None);
         let mr = c.atomic_mr.as_ref().expect("atomic buffers");
-        let mut wr = [verbs::SendWr {
+        let wr = [verbs::SendWr {
             wr_id: wr_id(K_OP, Some(slot), op),
             opcode,
             flags: verbs::SIGNALED,
@@ -1487,7 +1486,7 @@ impl RdmaEngine {
                 swap,
             },
         }];
-        if let Err(e) = c.id().post_send(&mut wr) {
+        if let Err(e) = c.id().post_send(&wr) {
             c.atomic_free.push(slot);
             c.ops.remove(&u64::from(op));
             shared.finish(
@@ -2233,8 +2232,9 @@ fn clone_err(e: &Error) -> Error {
 
 /// Why the target's answer `g` does not allow this access (`None`: it does), checked
 /// before posting so that the NIC never refuses one. `dev` names the device, for the
-/// error of an atomic on a device without atomics.
-#[inline]
+/// error of an atomic on a device without atomics. Inlined: on the short path, the
+/// call would cost more than the check (the errors are built only on a refusal).
+#[inline(always)]
 fn refusal(
     g: &GrantInfo,
     t: &Target,
