@@ -6,7 +6,9 @@
 #   tools/rdma-vm.sh setup                        install what it needs; idempotent
 #   tools/rdma-vm.sh run [OPTIONS] -- CMD [ARG…]  boot the VM, run CMD inside, exit with its status
 #   tools/rdma-vm.sh perftest [--rounds N]        ib_write_bw and ib_read_lat baselines in one VM
-#   tools/rdma-vm.sh perftest-in-guest [N]        the same, inside a VM that `run` started
+#   tools/rdma-vm.sh perftest-in-guest [N] [write|read|all]
+#                                                 the same (or one of the two tests), inside
+#                                                 a VM that `run` started
 #   tools/rdma-vm.sh status                       show what is set up and the cache size
 #   tools/rdma-vm.sh clean                        remove the cache (packages stay installed)
 #
@@ -412,10 +414,11 @@ guest() {
 # of one server on rxe1 (198.18.77.2) and one client on rxe0 (198.18.77.1) connecting to
 # it, so every packet crosses the veth pair. Each tool is limited to 90 s.
 perftest_guest() {
-    local rounds=${1:-1}
+    local rounds=${1:-1} tests=${2:-all}
     case "$rounds" in ''|*[!0-9]*|0) die "rounds must be a positive count, got $rounds" ;; esac
+    case "$tests" in write|read|all) ;; *) die "tests must be write, read or all, got $tests" ;; esac
     if [ -z "${PFS_RXE_DEVS:-}" ] || [ -z "${PFS_RXE_OUT:-}" ] || [ -z "${PFS_RXE_GIDX:-}" ]; then
-        die "perftest-in-guest runs inside the VM only: tools/rdma-vm.sh run -- tools/rdma-vm.sh perftest-in-guest [N]"
+        die "perftest-in-guest runs inside the VM only: tools/rdma-vm.sh run -- tools/rdma-vm.sh perftest-in-guest [N] [write|read|all]"
     fi
     read -r -a devs <<<"$PFS_RXE_DEVS"
     read -r -a addrs <<<"$PFS_RXE_ADDRS"
@@ -471,28 +474,43 @@ perftest_guest() {
         return 1
     }
 
-    local r bw bws=() lats=() tx0 tx1 tmin ttyp tavg p99
+    local r bw bws=() lats=() tx0 tx1 tmin ttyp tavg p99 line
     for r in $(seq "$rounds"); do
-        tx0=$(bytes "${nets[0]}")
-        # Columns: bytes iterations BW-peak BW-average(MiB/s) MsgRate
-        measure ib_write_bw write_bw 65536 4 -s 65536 -D 5 -F -q 1 || return 1
-        tx1=$(bytes "${nets[0]}")
-        bw=$(awk '{print $4}' <<<"$RESULT")
-        # Columns: bytes iterations t_min t_max t_typical t_avg t_stdev p99 p99.9 (µs)
-        measure ib_read_lat read_lat 2 5 -s 2 -n 2000 -F || return 1
-        read -r _ _ tmin _ ttyp tavg _ p99 _ <<<"$RESULT"
-        bws+=("$bw") lats+=("$ttyp")
-        echo "rdma-vm: round $r: ib_write_bw 64 KiB ${bw} MiB/s ($(( (tx1 - tx0) / 1048576 )) MiB left ${nets[0]}); ib_read_lat 2 B typical ${ttyp} µs (min ${tmin}, avg ${tavg}, p99 ${p99})"
+        line="rdma-vm: round $r:"
+        if [ "$tests" != read ]; then
+            tx0=$(bytes "${nets[0]}")
+            # Columns: bytes iterations BW-peak BW-average(MiB/s) MsgRate
+            measure ib_write_bw write_bw 65536 4 -s 65536 -D 5 -F -q 1 || return 1
+            tx1=$(bytes "${nets[0]}")
+            bw=$(awk '{print $4}' <<<"$RESULT")
+            bws+=("$bw")
+            line+=" ib_write_bw 64 KiB ${bw} MiB/s ($(( (tx1 - tx0) / 1048576 )) MiB left ${nets[0]});"
+        fi
+        if [ "$tests" != write ]; then
+            # Columns: bytes iterations t_min t_max t_typical t_avg t_stdev p99 p99.9 (µs)
+            measure ib_read_lat read_lat 2 5 -s 2 -n 2000 -F || return 1
+            read -r _ _ tmin _ ttyp tavg _ p99 _ <<<"$RESULT"
+            lats+=("$ttyp")
+            line+=" ib_read_lat 2 B typical ${ttyp} µs (min ${tmin}, avg ${tavg}, p99 ${p99})"
+        fi
+        echo "$line"
     done
     median() { sort -g | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-    local mbw mlat
-    mbw=$(printf '%s\n' "${bws[@]}" | median)
-    mlat=$(printf '%s\n' "${lats[@]}" | median)
+    local mbw mlat summary="rdma-vm: perftest"
     echo "rdma-vm: perftest baseline, soft-RoCE ${devs[0]} (${addrs[0]}) -> ${devs[1]} (${addrs[1]}) over veth, TCG guest:"
-    echo "rdma-vm:   ib_write_bw -s 65536 -D 5, BW average in MiB/s (perftest's \"MB/sec\" is 2^20 B/s): ${bws[*]}"
-    echo "rdma-vm:   ib_read_lat -s 2 -n 2000, t_typical (median) in µs, full round trip: ${lats[*]}"
-    echo "rdma-vm:   median of ${rounds}: write $mbw MiB/s = $(awk -v b="$mbw" 'BEGIN{printf "%.1f", b * 1.048576}') MB/s; 2-byte read $mlat µs"
-    echo "rdma-vm: perftest write_bw_MiBps=$mbw read_lat_typical_us=$mlat rounds=$rounds"
+    if [ ${#bws[@]} -gt 0 ]; then
+        mbw=$(printf '%s\n' "${bws[@]}" | median)
+        echo "rdma-vm:   ib_write_bw -s 65536 -D 5, BW average in MiB/s (perftest's \"MB/sec\" is 2^20 B/s): ${bws[*]}"
+        echo "rdma-vm:   median of ${rounds}: write $mbw MiB/s = $(awk -v b="$mbw" 'BEGIN{printf "%.1f", b * 1.048576}') MB/s"
+        summary+=" write_bw_MiBps=$mbw"
+    fi
+    if [ ${#lats[@]} -gt 0 ]; then
+        mlat=$(printf '%s\n' "${lats[@]}" | median)
+        echo "rdma-vm:   ib_read_lat -s 2 -n 2000, t_typical (median) in µs, full round trip: ${lats[*]}"
+        echo "rdma-vm:   median of ${rounds}: 2-byte read $mlat µs"
+        summary+=" read_lat_typical_us=$mlat"
+    fi
+    echo "$summary rounds=$rounds"
 }
 
 perftest() {
@@ -517,5 +535,5 @@ case "$verb" in
     clean) rm -rf "$CACHE"; say "removed $CACHE" ;;
     __guest) guest "$@" ;;
     perftest-in-guest) perftest_guest "$@" ;;
-    *) die "usage: $0 setup | run [--timeout SECS] [--rwdir DIR] [--mem SIZE] [--cpus N] -- CMD [ARG…] | perftest [--rounds N] | perftest-in-guest [N] | status | clean" ;;
+    *) die "usage: $0 setup | run [--timeout SECS] [--rwdir DIR] [--mem SIZE] [--cpus N] -- CMD [ARG…] | perftest [--rounds N] | perftest-in-guest [N] [write|read|all] | status | clean" ;;
 esac

@@ -1,11 +1,12 @@
 //! `pfs-bench rdma`: the rdma backend against perftest on the same soft-RoCE devices,
-//! in one VM run (`tools/rdma-vm.sh run -- pfs-bench rdma`). Rounds interleave
-//! perftest (`ib_write_bw -s 65536`, `ib_read_lat -s 2`, through
-//! `tools/rdma-vm.sh perftest-in-guest 1`) with PacketFS's 64 KiB write bandwidth and
-//! 2-byte read latency between the same two devices (client on the first, in this
-//! process; server on the second, in a `pfs-bench server` process of its own, as
-//! perftest's; so every byte crosses the link), then prints medians, ratios and the
-//! issue's targets. Also the cost of a memory registration, per GiB.
+//! in one VM run (`tools/rdma-vm.sh run -- pfs-bench rdma`). Each round runs perftest's
+//! `ib_write_bw -s 65536`, then PacketFS's 64 KiB write bandwidth, then read-latency
+//! samples that alternate between `ib_read_lat -s 2` and PacketFS's 2-byte reads (perftest
+//! through `tools/rdma-vm.sh perftest-in-guest 1 write|read`). Both run between the same
+//! two devices (client on the first, in this process; server on the second, in a
+//! `pfs-bench server` process of its own, as perftest's; so every byte crosses the link).
+//! It prints medians, ratios and the issue's targets, and the cost of a memory
+//! registration per GiB.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,6 +29,14 @@ pub struct RdmaArgs {
     /// Length of each PacketFS bandwidth run (ib_write_bw runs 5 s).
     #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
     duration: Duration,
+    /// Read-latency samples per round, each tool's alternating with the other's (each
+    /// sample 2,000 round trips on a fresh connection or queue pair).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    lat_samples: u32,
+    /// Instead of the rounds: 2,000-read samples on one connection, back to back for
+    /// this long, each printed with its time (how the guest's speed moves over time).
+    #[arg(long, value_parser = units::parse_duration)]
+    latency_trace: Option<Duration>,
     /// Skip perftest (PacketFS numbers only).
     #[arg(long)]
     no_perftest: bool,
@@ -107,6 +116,27 @@ fn read_latency(
     Ok((at(0.5), at(0.99), 1.0 / us_per_tick))
 }
 
+/// `--latency-trace`: one connection, 2,000-read samples back to back for `d`.
+fn latency_trace(
+    server: &pfs_transport::Address,
+    key: &pfs_transport::RegionKey,
+    d: Duration,
+) -> AnyResult {
+    let ep = busy_client()?;
+    let conn = ep.connect_addr(server)?;
+    let small = ep.alloc_region(4096, Rights::ALL)?;
+    let t0 = Instant::now();
+    println!("2,000 two-byte reads per sample, one connection, busy-polled:");
+    while t0.elapsed() < d {
+        let (p50, p99, _) = read_latency(&conn, &small, key, 2000)?;
+        println!(
+            "  at {:>6.2} s: p50 {p50:.2} µs (p99 {p99:.2})",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// The CPU frequency the kernel reports (`cpu MHz` in /proc/cpuinfo).
 fn cpuinfo_mhz() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -119,11 +149,12 @@ fn cpuinfo_mhz() -> Option<f64> {
         .ok()
 }
 
-/// One perftest round: (ib_write_bw MiB/s, ib_read_lat typical µs).
-fn perftest_round() -> AnyResult<(f64, f64)> {
+/// One perftest test, `write` (ib_write_bw 64 KiB, MiB/s) or `read` (ib_read_lat 2 B,
+/// typical µs), through `tools/rdma-vm.sh perftest-in-guest 1 <test>`.
+fn perftest(test: &str) -> AnyResult<f64> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rdma-vm.sh");
     let out = Command::new(&script)
-        .args(["perftest-in-guest", "1"])
+        .args(["perftest-in-guest", "1", test])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -137,16 +168,17 @@ fn perftest_round() -> AnyResult<(f64, f64)> {
     }
     let line = text
         .lines()
-        .find(|l| l.contains("perftest write_bw_MiBps="))
+        .find(|l| l.starts_with("rdma-vm: perftest ") && l.contains(" rounds="))
         .ok_or("no result line from perftest-in-guest")?;
-    let field = |name: &str| -> AnyResult<f64> {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .ok_or_else(|| format!("no {name} in {line:?}"))?;
-        Ok(v.parse::<f64>()?)
+    let name = match test {
+        "write" => "write_bw_MiBps=",
+        _ => "read_lat_typical_us=",
     };
-    Ok((field("write_bw_MiBps=")?, field("read_lat_typical_us=")?))
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .ok_or_else(|| format!("no {name} in {line:?}"))?;
+    Ok(v.parse::<f64>()?)
 }
 
 /// The devices' addresses inside the VM (`PFS_RXE_ADDRS`, client then server).
@@ -192,6 +224,9 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     let client = busy_client()?;
     let conn = client.connect_addr(&server_addr)?;
     let key = crate::request_region(&conn, 64 << 20)?;
+    if let Some(d) = a.latency_trace {
+        return latency_trace(&server_addr, &key, d);
+    }
     let mut r = Results::default();
     let c = Client {
         ep: &client,
@@ -204,12 +239,9 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     };
     for round in 1..=a.rounds {
         if !a.no_perftest {
-            let (bw, lat) = perftest_round()?;
-            println!(
-                "round {round}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s; ib_read_lat 2 B typical {lat:.2} µs"
-            );
+            let bw = perftest("write")?;
+            println!("round {round}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s");
             r.perftest_write_mib_s.push(bw);
-            r.perftest_read_lat_us.push(lat);
         }
         let w = c.run(&Params {
             test: Test::Write,
@@ -221,20 +253,34 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             warmup: Duration::from_secs(2),
         })?;
         let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
-        // As many round trips as ib_read_lat's -n 2000, on a connection of their own
-        // (as perftest runs each test on a fresh queue pair).
-        let lat_client = busy_client()?;
-        let lat_conn = lat_client.connect_addr(&server_addr)?;
-        let small = lat_client.alloc_region(4096, Rights::ALL)?;
-        let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
-        if round == 1 {
-            println!(
-                "time-stamp counter: {mhz:.0} MHz against the clock over the run; the \
-                 kernel's calibration (/proc/cpuinfo, what perftest converts cycles with): {}",
-                cpuinfo_mhz().map_or("unknown".into(), |m| format!("{m:.0} MHz"))
-            );
+        println!("round {round}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128)");
+        r.pfs_write_mib_s.push(mib);
+        // Read latency: samples of the two tools alternate, a few seconds apart. Under
+        // TCG the guest's speed moves between levels that last seconds (the same loop
+        // runs at 39 µs, then 44 µs; docs/benchmarks.md), so a sample of one tool
+        // taken far from the other's compares levels, not tools.
+        for s in 1..=a.lat_samples {
+            if !a.no_perftest {
+                let lat = perftest("read")?;
+                println!("round {round}.{s}: perftest  ib_read_lat 2 B typical {lat:.2} µs");
+                r.perftest_read_lat_us.push(lat);
+            }
+            // As many round trips as ib_read_lat's -n 2000, on a connection of their
+            // own (as perftest runs each test on a fresh queue pair).
+            let lat_client = busy_client()?;
+            let lat_conn = lat_client.connect_addr(&server_addr)?;
+            let small = lat_client.alloc_region(4096, Rights::ALL)?;
+            let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
+            if round == 1 && s == 1 {
+                println!(
+                    "time-stamp counter: {mhz:.0} MHz against the clock over the run; the \
+                     kernel's calibration (/proc/cpuinfo, what perftest converts cycles with): {}",
+                    cpuinfo_mhz().map_or("unknown".into(), |m| format!("{m:.0} MHz"))
+                );
+            }
+            println!("round {round}.{s}: PacketFS  read 2 B p50 {p50:.2} µs (p99 {p99:.2})");
+            r.pfs_read_lat_p50_us.push(p50);
         }
-        drop(lat_conn);
         // Registration: the first write from a fresh 64 MiB region registers it; the
         // writes after it find the registration cached. 4 KiB: larger than what goes
         // inline (inline data needs no registration).
@@ -257,11 +303,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         std::thread::sleep(Duration::from_millis(20));
         client.progress();
         client.progress();
-        println!(
-            "round {round}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128); read 2 B p50 {p50:.2} µs (p99 {p99:.2}); registration {per_gib:.1} ms/GiB"
-        );
-        r.pfs_write_mib_s.push(mib);
-        r.pfs_read_lat_p50_us.push(p50);
+        println!("round {round}: PacketFS  registration {per_gib:.1} ms/GiB");
         r.registration_ms_per_gib.push(per_gib);
     }
     r.devices = format!(
@@ -273,8 +315,9 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     println!();
     println!("{}", r.devices);
     println!(
-        "soft-RoCE in a TCG guest, {} rounds, medians (perftest's MB are 2^20 B):",
-        a.rounds
+        "soft-RoCE in a TCG guest, {} rounds, {} read samples each; medians (perftest's MB \
+         are 2^20 B):",
+        a.rounds, a.lat_samples
     );
     println!("  PacketFS write 64 KiB   {pw:>10.2} MiB/s");
     println!("  PacketFS read 2 B p50   {pl:>10.2} µs");
