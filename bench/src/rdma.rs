@@ -116,15 +116,24 @@ fn read_latency(
     Ok((at(0.5), at(0.99), 1.0 / us_per_tick))
 }
 
+/// A connection of its own for read-latency samples (as perftest runs each test on a
+/// fresh queue pair), on a busy-polled endpoint, and the 4 KiB region reads land in.
+fn latency_connection(
+    server: &pfs_transport::Address,
+) -> AnyResult<(Endpoint, pfs_transport::Connection, pfs_transport::Region)> {
+    let ep = busy_client()?;
+    let conn = ep.connect_addr(server)?;
+    let small = ep.alloc_region(4096, Rights::ALL)?;
+    Ok((ep, conn, small))
+}
+
 /// `--latency-trace`: one connection, 2,000-read samples back to back for `d`.
 fn latency_trace(
     server: &pfs_transport::Address,
     key: &pfs_transport::RegionKey,
     d: Duration,
 ) -> AnyResult {
-    let ep = busy_client()?;
-    let conn = ep.connect_addr(server)?;
-    let small = ep.alloc_region(4096, Rights::ALL)?;
+    let (_ep, conn, small) = latency_connection(server)?;
     let t0 = Instant::now();
     println!("2,000 two-byte reads per sample, one connection, busy-polled:");
     while t0.elapsed() < d {
@@ -149,12 +158,24 @@ fn cpuinfo_mhz() -> Option<f64> {
         .ok()
 }
 
-/// One perftest test, `write` (ib_write_bw 64 KiB, MiB/s) or `read` (ib_read_lat 2 B,
-/// typical µs), through `tools/rdma-vm.sh perftest-in-guest 1 <test>`.
-fn perftest(test: &str) -> AnyResult<f64> {
+/// A perftest test `perftest-in-guest` runs on its own.
+#[derive(Clone, Copy)]
+enum Perftest {
+    /// `ib_write_bw -s 65536`, MiB/s.
+    Write,
+    /// `ib_read_lat -s 2`, typical µs.
+    Read,
+}
+
+/// One run of perftest's `test`, through `tools/rdma-vm.sh perftest-in-guest 1 <test>`.
+fn perftest(test: Perftest) -> AnyResult<f64> {
+    let (arg, name) = match test {
+        Perftest::Write => ("write", "write_bw_MiBps="),
+        Perftest::Read => ("read", "read_lat_typical_us="),
+    };
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rdma-vm.sh");
     let out = Command::new(&script)
-        .args(["perftest-in-guest", "1", test])
+        .args(["perftest-in-guest", "1", arg])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -170,10 +191,6 @@ fn perftest(test: &str) -> AnyResult<f64> {
         .lines()
         .find(|l| l.starts_with("rdma-vm: perftest ") && l.contains(" rounds="))
         .ok_or("no result line from perftest-in-guest")?;
-    let name = match test {
-        "write" => "write_bw_MiBps=",
-        _ => "read_lat_typical_us=",
-    };
     let v = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix(name))
@@ -239,7 +256,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     };
     for round in 1..=a.rounds {
         if !a.no_perftest {
-            let bw = perftest("write")?;
+            let bw = perftest(Perftest::Write)?;
             println!("round {round}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s");
             r.perftest_write_mib_s.push(bw);
         }
@@ -257,19 +274,16 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         r.pfs_write_mib_s.push(mib);
         // Read latency: samples of the two tools alternate, a few seconds apart. Under
         // TCG the guest's speed moves between levels that last seconds (the same loop
-        // runs at 39 µs, then 44 µs; docs/benchmarks.md), so a sample of one tool
+        // runs at 38 µs, then 41, then 44; docs/benchmarks.md), so a sample of one tool
         // taken far from the other's compares levels, not tools.
         for s in 1..=a.lat_samples {
             if !a.no_perftest {
-                let lat = perftest("read")?;
+                let lat = perftest(Perftest::Read)?;
                 println!("round {round}.{s}: perftest  ib_read_lat 2 B typical {lat:.2} µs");
                 r.perftest_read_lat_us.push(lat);
             }
-            // As many round trips as ib_read_lat's -n 2000, on a connection of their
-            // own (as perftest runs each test on a fresh queue pair).
-            let lat_client = busy_client()?;
-            let lat_conn = lat_client.connect_addr(&server_addr)?;
-            let small = lat_client.alloc_region(4096, Rights::ALL)?;
+            // As many round trips as ib_read_lat's -n 2000.
+            let (_lat_client, lat_conn, small) = latency_connection(&server_addr)?;
             let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
             if round == 1 && s == 1 {
                 println!(
