@@ -278,3 +278,101 @@ mod bad_input {
         );
     }
 }
+
+// ---- the registration cache ----
+
+mod registration_cache {
+    use std::time::{Duration, Instant};
+
+    use pfs_transport::{Endpoint, EndpointConfig, Progress, Rights, WaitMode};
+
+    /// This process's pinned memory (`VmPin`), in bytes.
+    fn pinned() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmPin:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmPin in /proc/self/status")
+            * 1024
+    }
+
+    /// A region used as the source of writes is registered once and cached; once the
+    /// region is dropped, the engine's next pass releases the registration (and the
+    /// pinned memory with it), on an endpoint its caller drives as on one with a
+    /// progress thread. Held until a timer tick instead, a caller that keeps submitting
+    /// (whose operations complete inside the post, so it runs few passes) pinned every
+    /// source region it ever used.
+    #[test]
+    fn a_dropped_regions_registration_is_released() {
+        let Some(ip) = super::server_ip() else { return };
+        let s = Endpoint::bind(
+            EndpointConfig::new()
+                .listen(&format!("rdma://{ip}:0"))
+                .unwrap(),
+        )
+        .unwrap();
+        let target = s.alloc_region(1 << 20, Rights::ALL).unwrap();
+        let key = target.key(Rights::ALL).unwrap();
+        for caller_drives in [true, false] {
+            let cfg = if caller_drives {
+                EndpointConfig::new()
+                    .progress(Progress::Caller)
+                    .wait_mode(WaitMode::BusyPoll)
+            } else {
+                EndpointConfig::new()
+            };
+            let c = Endpoint::bind(cfg).unwrap();
+            let conn = c.connect_addr(&s.local_addrs()[0]).unwrap();
+            // The grant and a small source: registered before the baseline.
+            let small = c.alloc_region(4096, Rights::ALL).unwrap();
+            conn.write(&small, 0, &key, 0, 4096)
+                .unwrap()
+                .wait()
+                .unwrap();
+            let base = pinned();
+            for round in 0..4 {
+                let src = c.alloc_region(16 << 20, Rights::ALL).unwrap();
+                // One write on an idle connection, then 64 KiB writes 32 at a time.
+                conn.write(&src, 0, &key, 0, 4096).unwrap().wait().unwrap();
+                let mut ops: std::collections::VecDeque<pfs_transport::Op<()>> =
+                    std::collections::VecDeque::new();
+                for i in 0..128u64 {
+                    if ops.len() == 32
+                        && let Some(o) = ops.pop_front()
+                    {
+                        o.wait().unwrap();
+                    }
+                    let at = (i % 16) << 16;
+                    ops.push_back(conn.write(&src, at, &key, at, 1 << 16).unwrap());
+                }
+                ops.into_iter().for_each(|o| o.wait().unwrap());
+                assert!(
+                    pinned() >= base + (16 << 20),
+                    "round {round}: the write did not register its 16 MiB source"
+                );
+                drop(src);
+                if caller_drives {
+                    // The next pass handles the drop.
+                    c.progress();
+                    assert!(
+                        pinned() <= base + (1 << 20),
+                        "round {round}: a dropped region's registration still pins {} MiB \
+                         after the caller's next pass",
+                        (pinned() - base) >> 20
+                    );
+                    continue;
+                }
+                let t = Instant::now();
+                while pinned() > base + (1 << 20) {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(5),
+                        "round {round}: a dropped region's registration still pins {} MiB \
+                         5 s later (progress thread)",
+                        (pinned() - base) >> 20
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+}

@@ -354,6 +354,9 @@ struct State {
     /// The clock at the last pass that read it.
     now: Instant,
     passes: u64,
+    /// Operations posted by `submit` on the caller's thread (they count towards the
+    /// clock reads, as passes do).
+    submits: u64,
     wcs: Vec<verbs::Wc>,
     /// Work requests being built for one post (reused: no allocation per post).
     wrs: Vec<verbs::SendWr>,
@@ -463,6 +466,7 @@ impl RdmaEngine {
                 scratch_keys: Vec::new(),
                 now: Instant::now(),
                 passes: 0,
+                submits: 0,
                 wcs: Vec::with_capacity(64),
                 wrs: Vec::new(),
             }),
@@ -512,20 +516,13 @@ impl RdmaEngine {
             }
         }
         // A spinning engine reads the clock (a system call where the clocksource has no
-        // vDSO path, as under TCG) only every 1024 passes. Connection events are rare once
-        // connections are up: look for them every millisecond (a system call each
-        // time), or every pass while one is being set up.
+        // vDSO path, as under TCG) only every 1024 passes.
         st.passes = st.passes.wrapping_add(1);
         let every = if st.setting_up > 0 { 16 } else { 1024 };
         let timed = self.sleeps || st.passes.is_multiple_of(every);
         if timed {
             st.now = Instant::now();
-        }
-        if timed
-            && (st.setting_up > 0 || st.now.duration_since(st.last_cm) >= Duration::from_millis(1))
-        {
-            st.last_cm = st.now;
-            work += self.cm_events(st);
+            work += self.cm_due(st);
         }
         work += self.completions(st);
         work += self.take_new_ops(st);
@@ -534,12 +531,31 @@ impl RdmaEngine {
             work += self.issue(st, k);
         }
         st.give_back_keys(keys);
+        if timed {
+            self.tick_due(st);
+        }
+        work
+    }
+
+    /// Connection events, if it is time to look (`st.now` just read). They are rare
+    /// once connections are up: look every millisecond (a system call each time), or
+    /// every time while one is being set up.
+    fn cm_due(&self, st: &mut State) -> usize {
+        if st.setting_up > 0 || st.now.duration_since(st.last_cm) >= Duration::from_millis(1) {
+            st.last_cm = st.now;
+            return self.cm_events(st);
+        }
+        0
+    }
+
+    /// The timers (deadlines, expiry, the registration cache), every 5 ms (`st.now`
+    /// just read).
+    fn tick_due(&self, st: &mut State) {
         let now = st.now;
-        if timed && now.duration_since(st.last_tick) >= Duration::from_millis(5) {
+        if now.duration_since(st.last_tick) >= Duration::from_millis(5) {
             st.last_tick = now;
             self.tick(st, now);
         }
-        work
     }
 
     /// The common case on its own short path: a read or write on an idle connection
@@ -714,6 +730,13 @@ impl RdmaEngine {
                 {
                     w.done.store(true, Ordering::SeqCst);
                     w.notify.wake_all();
+                }
+                // A dropped region (every key ended): release the cached registrations
+                // of memory nothing else holds now, its own among them unless an
+                // operation still uses it (then the next tick does).
+                if token.is_none() {
+                    st.local.retain(|_, mr| !mr.only_holder());
+                    st.last_local = None;
                 }
             }
         }
@@ -2371,6 +2394,15 @@ impl Engine for RdmaEngine {
                         self.completions_of(&mut st, k);
                     }
                 }
+            }
+            // A caller whose operations complete here (or whose waits find them done)
+            // may run no pass for a long time: the timers must not depend on passes.
+            // Every 256 submissions, read the clock and run what is due.
+            st.submits = st.submits.wrapping_add(1);
+            if st.submits.is_multiple_of(256) {
+                st.now = Instant::now();
+                self.cm_due(&mut st);
+                self.tick_due(&mut st);
             }
             return Ok(());
         }
