@@ -6,9 +6,11 @@
 #   tools/rdma-vm.sh setup                        install what it needs; idempotent
 #   tools/rdma-vm.sh run [OPTIONS] -- CMD [ARG…]  boot the VM, run CMD inside, exit with its status
 #   tools/rdma-vm.sh perftest [--rounds N]        ib_write_bw and ib_read_lat baselines in one VM
-#   tools/rdma-vm.sh perftest-in-guest [N] [write|read|all]
+#   tools/rdma-vm.sh perftest-in-guest [N] [write|read|all] [SECS]
 #                                                 the same (or one of the two tests), inside
-#                                                 a VM that `run` started
+#                                                 a VM that `run` started; SECS: ib_write_bw's
+#                                                 -D (default 5; it times the middle, leaving
+#                                                 SECS/4 whole seconds out at each end)
 #   tools/rdma-vm.sh status                       show what is set up and the cache size
 #   tools/rdma-vm.sh clean                        remove the cache (packages stay installed)
 #
@@ -412,13 +414,17 @@ guest() {
 
 # Inside `run` (also callable there directly, e.g. interleaved with pfs-bench): N rounds
 # of one server on rxe1 (198.18.77.2) and one client on rxe0 (198.18.77.1) connecting to
-# it, so every packet crosses the veth pair. Each tool is limited to 90 s.
+# it, so every packet crosses the veth pair. Each tool is limited to 90 s. $3: ib_write_bw's
+# -D in seconds (default 5: 1 s of warm-up, 3 s timed, 1 s left out at the end).
 perftest_guest() {
-    local rounds=${1:-1} tests=${2:-all}
+    local rounds=${1:-1} tests=${2:-all} secs=${3:-5}
     case "$rounds" in ''|*[!0-9]*|0) die "rounds must be a positive count, got $rounds" ;; esac
     case "$tests" in write|read|all) ;; *) die "tests must be write, read or all, got $tests" ;; esac
+    # perftest times the middle of a -D run: from D/4 (whole seconds) to D - D/4.
+    case "$secs" in ''|*[!0-9]*) die "ib_write_bw's duration must be whole seconds, got $secs" ;; esac
+    [ "$secs" -ge 4 ] && [ "$secs" -le 60 ] || die "ib_write_bw's duration must be 4 to 60 s (it leaves D/4 out at each end), got $secs"
     if [ -z "${PFS_RXE_DEVS:-}" ] || [ -z "${PFS_RXE_OUT:-}" ] || [ -z "${PFS_RXE_GIDX:-}" ]; then
-        die "perftest-in-guest runs inside the VM only: tools/rdma-vm.sh run -- tools/rdma-vm.sh perftest-in-guest [N] [write|read|all]"
+        die "perftest-in-guest runs inside the VM only: tools/rdma-vm.sh run -- tools/rdma-vm.sh perftest-in-guest [N] [write|read|all] [SECS]"
     fi
     read -r -a devs <<<"$PFS_RXE_DEVS"
     read -r -a addrs <<<"$PFS_RXE_ADDRS"
@@ -480,7 +486,7 @@ perftest_guest() {
         if [ "$tests" != read ]; then
             tx0=$(bytes "${nets[0]}")
             # Columns: bytes iterations BW-peak BW-average(MiB/s) MsgRate
-            measure ib_write_bw write_bw 65536 4 -s 65536 -D 5 -F -q 1 || return 1
+            measure ib_write_bw write_bw 65536 4 -s 65536 -D "$secs" -F -q 1 || return 1
             tx1=$(bytes "${nets[0]}")
             bw=$(awk '{print $4}' <<<"$RESULT")
             bws+=("$bw")
@@ -500,7 +506,7 @@ perftest_guest() {
     echo "rdma-vm: perftest baseline, soft-RoCE ${devs[0]} (${addrs[0]}) -> ${devs[1]} (${addrs[1]}) over veth, TCG guest:"
     if [ ${#bws[@]} -gt 0 ]; then
         mbw=$(printf '%s\n' "${bws[@]}" | median)
-        echo "rdma-vm:   ib_write_bw -s 65536 -D 5, BW average in MiB/s (perftest's \"MB/sec\" is 2^20 B/s): ${bws[*]}"
+        echo "rdma-vm:   ib_write_bw -s 65536 -D $secs, BW average in MiB/s (perftest's \"MB/sec\" is 2^20 B/s): ${bws[*]}"
         echo "rdma-vm:   median of ${rounds}: write $mbw MiB/s = $(awk -v b="$mbw" 'BEGIN{printf "%.1f", b * 1.048576}') MB/s"
         summary+=" write_bw_MiBps=$mbw"
     fi
@@ -535,5 +541,5 @@ case "$verb" in
     clean) rm -rf "$CACHE"; say "removed $CACHE" ;;
     __guest) guest "$@" ;;
     perftest-in-guest) perftest_guest "$@" ;;
-    *) die "usage: $0 setup | run [--timeout SECS] [--rwdir DIR] [--mem SIZE] [--cpus N] -- CMD [ARG…] | perftest [--rounds N] | perftest-in-guest [N] [write|read|all] | status | clean" ;;
+    *) die "usage: $0 setup | run [--timeout SECS] [--rwdir DIR] [--mem SIZE] [--cpus N] -- CMD [ARG…] | perftest [--rounds N] | perftest-in-guest [N] [write|read|all] [SECS] | status | clean" ;;
 esac

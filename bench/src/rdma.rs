@@ -1,8 +1,9 @@
 //! `pfs-bench rdma`: the rdma backend against perftest on the same soft-RoCE devices,
-//! in one VM run (`tools/rdma-vm.sh run -- pfs-bench rdma`). Each round runs perftest's
-//! `ib_write_bw -s 65536`, then PacketFS's 64 KiB write bandwidth, then read-latency
-//! samples that alternate between `ib_read_lat -s 2` and PacketFS's 2-byte reads (perftest
-//! through `tools/rdma-vm.sh perftest-in-guest 1 write|read`). Both run between the same
+//! in one VM run (`tools/rdma-vm.sh run -- pfs-bench rdma`). Each round takes write
+//! samples that alternate between perftest's `ib_write_bw -s 65536` and PacketFS's 64 KiB
+//! write bandwidth, then read-latency samples that alternate between `ib_read_lat -s 2`
+//! and PacketFS's 2-byte reads (perftest through `tools/rdma-vm.sh perftest-in-guest 1
+//! write|read`). Both run between the same
 //! two devices (client on the first, in this process; server on the second, in a
 //! `pfs-bench server` process of its own, as perftest's; so every byte crosses the link).
 //! It prints medians, ratios and the issue's targets, and the cost of a memory
@@ -22,13 +23,18 @@ type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Args, Debug, Clone)]
 pub struct RdmaArgs {
-    /// Rounds (perftest, then PacketFS, each round); medians are quoted. Under TCG a
-    /// round now and then runs at half speed (both tools see it), so take several.
+    /// Rounds (write samples, read samples, a registration); medians over all samples are
+    /// quoted. Under TCG the guest's speed moves between levels that last seconds (both
+    /// tools see them), so take several.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Length of each PacketFS bandwidth run (ib_write_bw runs 5 s).
-    #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
+    /// The timed part of each write sample, whole seconds (PacketFS's after 1 s of warm-up;
+    /// ib_write_bw runs `-D` long enough that the middle it times is as long).
+    #[arg(long, default_value = "2s", value_parser = write_secs)]
     duration: Duration,
+    /// Write-bandwidth samples per round, each tool's alternating with the other's.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    write_samples: u32,
     /// Read-latency samples per round, each tool's alternating with the other's (each
     /// sample 2,000 round trips on a fresh connection or queue pair).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -158,24 +164,44 @@ fn cpuinfo_mhz() -> Option<f64> {
         .ok()
 }
 
+/// `--duration`: whole seconds, 1 to 30 (perftest's `-D` takes whole seconds).
+fn write_secs(s: &str) -> Result<Duration, String> {
+    let d = units::parse_duration(s)?;
+    if d.subsec_nanos() != 0 || !(1..=30).contains(&d.as_secs()) {
+        return Err(format!(
+            "{s}: the write samples' length is whole seconds from 1 to 30 (ib_write_bw's -D \
+             takes whole seconds), e.g. 2s"
+        ));
+    }
+    Ok(d)
+}
+
+/// The `-D` that makes ib_write_bw time at least `secs`: it times from `D/4` (whole
+/// seconds) to `D - D/4`.
+fn perftest_duration(secs: u64) -> u64 {
+    (4..)
+        .find(|d| d - 2 * (d / 4) >= secs)
+        .expect("some duration is long enough")
+}
+
 /// A perftest test `perftest-in-guest` runs on its own.
 #[derive(Clone, Copy)]
 enum Perftest {
-    /// `ib_write_bw -s 65536`, MiB/s.
-    Write,
+    /// `ib_write_bw -s 65536 -D <secs>`, MiB/s.
+    Write { secs: u64 },
     /// `ib_read_lat -s 2`, typical µs.
     Read,
 }
 
 /// One run of perftest's `test`, through `tools/rdma-vm.sh perftest-in-guest 1 <test>`.
 fn perftest(test: Perftest) -> AnyResult<f64> {
-    let (arg, name) = match test {
-        Perftest::Write => ("write", "write_bw_MiBps="),
-        Perftest::Read => ("read", "read_lat_typical_us="),
+    let (arg, secs, name) = match test {
+        Perftest::Write { secs } => ("write", secs, "write_bw_MiBps="),
+        Perftest::Read => ("read", 5, "read_lat_typical_us="),
     };
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rdma-vm.sh");
     let out = Command::new(&script)
-        .args(["perftest-in-guest", "1", arg])
+        .args(["perftest-in-guest", "1", arg, &secs.to_string()])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -254,28 +280,35 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             .into(),
         peer_copies: None,
     };
+    let pt_secs = perftest_duration(a.duration.as_secs());
     for round in 1..=a.rounds {
-        if !a.no_perftest {
-            let bw = perftest(Perftest::Write)?;
-            println!("round {round}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s");
-            r.perftest_write_mib_s.push(bw);
+        // Samples of the two tools alternate, a few seconds apart. Under TCG the guest's
+        // speed moves between levels that last seconds (the same read loop runs at 38 µs,
+        // then 41, then 44; docs/benchmarks.md), so a sample of one tool taken far from
+        // the other's compares levels, not tools.
+        for s in 1..=a.write_samples {
+            if !a.no_perftest {
+                let bw = perftest(Perftest::Write { secs: pt_secs })?;
+                println!(
+                    "round {round}.{s}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s (-D {pt_secs})"
+                );
+                r.perftest_write_mib_s.push(bw);
+            }
+            let first = round == 1 && s == 1;
+            let w = c.run(&Params {
+                test: Test::Write,
+                size: 64 << 10,
+                depth: 128,
+                duration: a.duration,
+                // As perftest's 1 s before it starts timing; in the first sample long
+                // enough for the registration of the 64 MiB source (about 0.4 s under
+                // TCG), which must not fall inside the timed part.
+                warmup: Duration::from_secs(if first { 2 } else { 1 }),
+            })?;
+            let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
+            println!("round {round}.{s}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128)");
+            r.pfs_write_mib_s.push(mib);
         }
-        let w = c.run(&Params {
-            test: Test::Write,
-            size: 64 << 10,
-            depth: 128,
-            duration: a.duration,
-            // Long enough for the first write's registration of the 64 MiB source
-            // (about 0.4 s under TCG), which must not fall inside the measured time.
-            warmup: Duration::from_secs(2),
-        })?;
-        let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
-        println!("round {round}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128)");
-        r.pfs_write_mib_s.push(mib);
-        // Read latency: samples of the two tools alternate, a few seconds apart. Under
-        // TCG the guest's speed moves between levels that last seconds (the same loop
-        // runs at 38 µs, then 41, then 44; docs/benchmarks.md), so a sample of one tool
-        // taken far from the other's compares levels, not tools.
         for s in 1..=a.lat_samples {
             if !a.no_perftest {
                 let lat = perftest(Perftest::Read)?;
@@ -312,10 +345,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let per_gib = reg_s * 1e3 * 16.0;
         drop(fresh);
         // The engine releases the cached registration of a dropped region on its next
-        // pass after a timer tick (the client drives its own engine): give the VM's 1 GiB
-        // back before the next round pins more.
-        std::thread::sleep(Duration::from_millis(20));
-        client.progress();
+        // pass (the client drives its own engine): the VM's 1 GiB back at once.
         client.progress();
         println!("round {round}: PacketFS  registration {per_gib:.1} ms/GiB");
         r.registration_ms_per_gib.push(per_gib);
@@ -329,9 +359,9 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     println!();
     println!("{}", r.devices);
     println!(
-        "soft-RoCE in a TCG guest, {} rounds, {} read samples each; medians (perftest's MB \
-         are 2^20 B):",
-        a.rounds, a.lat_samples
+        "soft-RoCE in a TCG guest, {} rounds of {} write and {} read samples per tool; medians \
+         (perftest's MB are 2^20 B):",
+        a.rounds, a.write_samples, a.lat_samples
     );
     println!("  PacketFS write 64 KiB   {pw:>10.2} MiB/s");
     println!("  PacketFS read 2 B p50   {pl:>10.2} µs");
@@ -366,4 +396,36 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perftest_times_at_least_the_samples_length() {
+        // ib_write_bw -D d times from d/4 to d - d/4 (whole seconds).
+        assert_eq!(perftest_duration(1), 4);
+        assert_eq!(perftest_duration(2), 4);
+        assert_eq!(perftest_duration(3), 5);
+        assert_eq!(perftest_duration(5), 7);
+        assert_eq!(perftest_duration(6), 10);
+        for secs in 1..=30 {
+            let d = perftest_duration(secs);
+            assert!(d - 2 * (d / 4) >= secs, "{secs} s: -D {d}");
+            assert!(
+                d <= 60,
+                "{secs} s: -D {d} is past perftest-in-guest's limit"
+            );
+        }
+    }
+
+    #[test]
+    fn write_samples_are_whole_seconds() {
+        assert_eq!(write_secs("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(write_secs("3"), Ok(Duration::from_secs(3)));
+        for bad in ["1.5s", "0", "500ms", "31s", "2m", "x"] {
+            assert!(write_secs(bad).is_err(), "{bad} accepted");
+        }
+    }
 }
