@@ -29,8 +29,9 @@ pub struct RdmaArgs {
     /// tools see them), so take several.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// The timed part of each write sample, whole seconds (PacketFS's after 1 s of warm-up;
-    /// ib_write_bw runs `-D` long enough that the middle it times is as long).
+    /// The timed part of each write sample, whole seconds (PacketFS's after 1 s of warm-up
+    /// and the source region's registration; ib_write_bw runs `-D` long enough that the
+    /// middle it times is as long).
     #[arg(long, default_value = "2s", value_parser = write_secs)]
     duration: Duration,
     /// The target region, which the writes cycle through 64 KiB at a time (from a local
@@ -397,10 +398,10 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
                 r.perftest_read_lat_us.push(lat);
             }
             // As many round trips as ib_read_lat's -n 2000, on a fresh connection, in a
-            // fresh process: perftest's every sample is a new process, and under TCG
-            // this long-lived one (which has pinned and released hundreds of MiB, and
-            // made and closed dozens of connections) reads about 2 µs slower in the
-            // medians (docs/benchmarks.md). Both are printed; the ratio is of the first.
+            // fresh process, as each of perftest's samples is a new process. Under TCG a
+            // process tends to keep one speed level (docs/benchmarks.md): this
+            // long-lived process's samples are one draw of it, perftest's and the fresh
+            // ones many. Both are printed; the ratio is of the fresh ones.
             let (f50, f99) = fresh_read_sample(&server_addr, &key)?;
             println!("round {round}.{s}: PacketFS  read 2 B p50 {f50:.2} µs (p99 {f99:.2})");
             r.pfs_read_lat_p50_us.push(f50);
