@@ -422,7 +422,9 @@ perftest_guest() {
     case "$tests" in write|read|all) ;; *) die "tests must be write, read or all, got $tests" ;; esac
     # perftest times the middle of a -D run: from D/4 (whole seconds) to D - D/4.
     case "$secs" in ''|*[!0-9]*) die "ib_write_bw's duration must be whole seconds, got $secs" ;; esac
-    [ "$secs" -ge 4 ] && [ "$secs" -le 60 ] || die "ib_write_bw's duration must be 4 to 60 s (it leaves D/4 out at each end), got $secs"
+    if [ "$secs" -lt 4 ] || [ "$secs" -gt 60 ]; then
+        die "ib_write_bw's duration must be 4 to 60 s (it leaves D/4 out at each end), got $secs"
+    fi
     if [ -z "${PFS_RXE_DEVS:-}" ] || [ -z "${PFS_RXE_OUT:-}" ] || [ -z "${PFS_RXE_GIDX:-}" ]; then
         die "perftest-in-guest runs inside the VM only: tools/rdma-vm.sh run -- tools/rdma-vm.sh perftest-in-guest [N] [write|read|all] [SECS]"
     fi
