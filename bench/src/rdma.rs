@@ -228,13 +228,17 @@ enum Perftest {
 
 /// One run of perftest's `test`, through `tools/rdma-vm.sh perftest-in-guest 1 <test>`.
 fn perftest(test: Perftest) -> AnyResult<f64> {
-    let (arg, secs, name) = match test {
-        Perftest::Write { secs } => ("write", secs, "write_bw_MiBps="),
-        Perftest::Read => ("read", 5, "read_lat_typical_us="),
+    let (args, name) = match test {
+        Perftest::Write { secs } => (
+            vec!["write".to_string(), secs.to_string()],
+            "write_bw_MiBps=",
+        ),
+        Perftest::Read => (vec!["read".to_string()], "read_lat_typical_us="),
     };
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rdma-vm.sh");
     let out = Command::new(&script)
-        .args(["perftest-in-guest", "1", arg, &secs.to_string()])
+        .args(["perftest-in-guest", "1"])
+        .args(&args)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -298,7 +302,8 @@ fn fresh_read_sample(
     server: &pfs_transport::Address,
     key: &pfs_transport::RegionKey,
 ) -> AnyResult<(f64, f64)> {
-    let out = Command::new(std::env::current_exe()?)
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
         .args([
             "rdma",
             "--read-sample",
@@ -310,7 +315,7 @@ fn fresh_read_sample(
     if !out.status.success() {
         return Err(format!(
             "the read sample's process ({}) failed ({}): {}{}",
-            std::env::current_exe().map_or("?".into(), |p| p.display().to_string()),
+            exe.display(),
             out.status,
             text,
             String::from_utf8_lossy(&out.stderr)
@@ -369,6 +374,11 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         peer_copies: None,
     };
     let pt_secs = perftest_duration(a.duration.as_secs());
+    let settle = || {
+        if let Some(d) = a.settle {
+            std::thread::sleep(d);
+        }
+    };
     for round in 1..=a.rounds {
         // Samples of the two tools alternate, a few seconds apart. Under TCG the guest's
         // speed moves between levels that last seconds (the same read loop runs at 38 µs,
@@ -408,18 +418,14 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             // one. Under TCG a process tends to keep one speed level, and neither kind is
             // consistently the faster (docs/benchmarks.md): the ratio is of the median of
             // both kinds together, and each kind's is printed too.
-            if let Some(d) = a.settle {
-                std::thread::sleep(d);
-            }
+            settle();
             let (f50, f99) = fresh_read_sample(&server_addr, &key)?;
             println!(
                 "round {round}.{s}: PacketFS  read 2 B p50 {f50:.2} µs (p99 {f99:.2}) in a fresh \
                  process"
             );
             r.pfs_read_lat_fresh_process_p50_us.push(f50);
-            if let Some(d) = a.settle {
-                std::thread::sleep(d);
-            }
+            settle();
             let (_lat_client, lat_conn, small) = latency_connection(&server_addr)?;
             let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
             if round == 1 && s == 1 {

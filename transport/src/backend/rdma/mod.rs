@@ -735,8 +735,7 @@ impl RdmaEngine {
                 // of memory nothing else holds now, its own among them unless an
                 // operation still uses it (then the next tick does).
                 if token.is_none() {
-                    st.local.retain(|_, mr| !mr.only_holder());
-                    st.last_local = None;
+                    release_unused_registrations(st);
                 }
             }
         }
@@ -2232,9 +2231,7 @@ impl RdmaEngine {
             }
         }
         self.finish_revocations(st);
-        // Release cached registrations of memory nothing else holds.
-        st.local.retain(|_, mr| !mr.only_holder());
-        st.last_local = None;
+        release_unused_registrations(st);
     }
 
     fn die(&self, why: &str) {
@@ -2316,6 +2313,13 @@ fn rw_wr(
 }
 
 #[inline]
+/// Deregister the cached registrations of memory nothing else holds, and forget the
+/// last one used (a new region mapped at the same address must not reuse its lkey).
+fn release_unused_registrations(st: &mut State) {
+    st.local.retain(|_, mr| !mr.only_holder());
+    st.last_local = None;
+}
+
 fn key_of(st: &State, shared: &Arc<ConnShared>) -> Option<u64> {
     st.by_shared
         .get(&shared.id)
