@@ -66,16 +66,30 @@ const ATOMIC_N: usize = 64;
 /// Send queue depth asked for, and the inline size.
 const SQ_DEPTH: u32 = 256;
 const INLINE_WANT: u32 = 128;
-/// Largest RDMA WRITE or READ per work request; longer operations are chained.
+/// Largest RDMA WRITE per work request; longer operations are chained.
 const CHUNK: u64 = 1 << 20;
+/// Largest RDMA READ per work request. Soft-RoCE (rdma_rxe in Linux 6.1) stalls a read
+/// whose response runs to 1,024 packets (1 MiB at its usual 1,024-byte path MTU) until
+/// the ACK timeout fires, every time, as perftest's `ib_read_bw -s 1048576` shows, and
+/// not at 256 KiB. On hardware a quarter of the size costs nothing: the 16 reads a
+/// connection keeps outstanding are still 4 MiB in flight.
+const READ_CHUNK: u64 = 256 << 10;
 /// How long a revocation waits for peers to acknowledge before it withdraws the
 /// registration regardless.
 const REVOKE_GRACE: Duration = Duration::from_secs(1);
 /// rdma_cm address and route resolution limit.
 const RESOLVE_MS: i32 = 2000;
-/// Local ACK timeout exponent: 4.096 µs × 2^14 ≈ 67 ms, × 7 retries ≈ 0.5 s to notice
-/// a peer that vanished without disconnecting.
-const ACK_TIMEOUT: u8 = 14;
+/// How often the timers run while anything is under way.
+const TICK: Duration = Duration::from_millis(5);
+/// Local ACK timeout exponent: 4.096 µs × 2^18 ≈ 1.07 s (NCCL's default too). The timer
+/// must outlast the longest stretch in which the requester is busy taking in responses
+/// without catching up: soft-RoCE under TCG moves 15–30 MiB/s, so the megabytes of read
+/// responses a connection may have outstanding take hundreds of milliseconds. With
+/// 67 ms (2^14, perftest's default) 16 outstanding 1 MiB reads retransmitted about
+/// 7 times a second for two minutes, each retransmission answered again, until the
+/// operations' deadline. Operations keep their own deadlines, so a peer that vanishes
+/// still fails them in time; the QP notices after its retries (7 × 1.07 s).
+const ACK_TIMEOUT: u8 = 18;
 
 // Work request ids: the kind in the top 3 bits, a buffer slot (+1, 0: none) in bits
 // 32..48, an operation id in the low 32 bits.
@@ -347,6 +361,9 @@ struct State {
     devs: Vec<Dev>,
     next_key: u64,
     last_tick: Instant,
+    /// Work was done since the last tick (whose release of unused registrations has not
+    /// seen its effects yet): a sleeping engine keeps to the tick until one has run.
+    active: bool,
     last_cm: Instant,
     /// Connections not up yet (their events are looked for more often).
     setting_up: usize,
@@ -461,6 +478,7 @@ impl RdmaEngine {
                 devs: Vec::new(),
                 next_key: 1,
                 last_tick: Instant::now(),
+                active: false,
                 last_cm: Instant::now(),
                 setting_up: 0,
                 scratch_keys: Vec::new(),
@@ -531,6 +549,7 @@ impl RdmaEngine {
             work += self.issue(st, k);
         }
         st.give_back_keys(keys);
+        st.active |= work > 0;
         if timed {
             self.tick_due(st);
         }
@@ -548,12 +567,13 @@ impl RdmaEngine {
         0
     }
 
-    /// The timers (deadlines, expiry, the registration cache), every 5 ms (`st.now`
+    /// The timers (deadlines, expiry, the registration cache), every [`TICK`] (`st.now`
     /// just read).
     fn tick_due(&self, st: &mut State) {
         let now = st.now;
-        if now.duration_since(st.last_tick) >= Duration::from_millis(5) {
+        if now.duration_since(st.last_tick) >= TICK {
             st.last_tick = now;
+            st.active = false;
             self.tick(st, now);
         }
     }
@@ -599,7 +619,7 @@ impl RdmaEngine {
             && c.queue.is_empty()
             && c.ctl_out.is_empty()
             && c.sq_used < c.caps.send_wr;
-        if !idle || len == 0 || len > CHUNK {
+        if !idle || len == 0 || len > if is_write { CHUNK } else { READ_CHUNK } {
             return Err(req);
         }
         let g = match c.last_known {
@@ -1616,7 +1636,7 @@ impl RdmaEngine {
         let mut at = c.head.posted;
         let need_notify = notify.is_some();
         while wrs.len() < room && (at < total || (total == 0 && wrs.is_empty() && at == 0)) {
-            let n = (total - at).min(CHUNK);
+            let n = (total - at).min(if is_write { CHUNK } else { READ_CHUNK });
             wrs.push(rw_wr(
                 op,
                 is_write,
@@ -2320,6 +2340,36 @@ fn release_unused_registrations(st: &mut State) {
     st.last_local = None;
 }
 
+/// How long a sleeping engine may wait for an event before its timers need it. While
+/// anything is under way (a connection being set up, operations queued or out, control
+/// messages or messages not yet acknowledged, a revocation) or work was done since the
+/// last tick: the tick. Otherwise nothing but a grant's expiry is due, and an idle
+/// engine (a server whose peers access its memory one-sidedly, through its NIC) sleeps
+/// until then, or until an event: a completion, a connection event, a submission.
+fn sleep_allowance(st: &State) -> Duration {
+    let under_way = st.active
+        || st.setting_up > 0
+        || st.conns.values().any(|c| {
+            c.phase != Phase::Up
+                || c.deadline.is_some()
+                || !c.queue.is_empty()
+                || !c.ops.is_empty()
+                || !c.ctl_out.is_empty()
+                || !c.unacked.is_empty()
+        })
+        || st.grants.values().any(|g| g.revoking.is_some());
+    if under_way {
+        return TICK;
+    }
+    let now = now_ms();
+    st.grants
+        .values()
+        .filter(|g| g.expires_ms != 0)
+        .map(|g| Duration::from_millis(g.expires_ms.saturating_sub(now)).max(TICK))
+        .min()
+        .unwrap_or(Duration::MAX)
+}
+
 fn key_of(st: &State, shared: &Arc<ConnShared>) -> Option<u64> {
     st.by_shared
         .get(&shared.id)
@@ -2471,12 +2521,7 @@ impl Engine for RdmaEngine {
                 revents: 0,
             });
         }
-        let busy_revoke = st.grants.values().any(|g| g.revoking.is_some());
-        let timeout = if busy_revoke || !st.conns.is_empty() {
-            max.min(Duration::from_millis(5))
-        } else {
-            max
-        };
+        let timeout = max.min(sleep_allowance(&st));
         drop(st);
         let _ = crate::sys::poll_wait(&mut fds, timeout);
         self.waker.drain();
