@@ -3,6 +3,7 @@
 
 mod baseline;
 mod info;
+mod kstat;
 mod memcpy;
 mod plot;
 #[cfg(feature = "rdma")]
