@@ -236,10 +236,10 @@ fn perftest(test: Perftest) -> AnyResult<f64> {
     loop {
         match perftest_once(test) {
             Err(e) if tries < 3 => {
-                let first = e.to_string();
-                let first = first.lines().last().unwrap_or_default();
+                let text = e.to_string();
+                let last = text.lines().last().unwrap_or_default();
                 println!(
-                    "perftest failed ({first}): trying again ({} of 3)",
+                    "perftest failed ({last}): trying again ({} of 3)",
                     tries + 1
                 );
                 tries += 1;
