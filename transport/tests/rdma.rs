@@ -487,7 +487,7 @@ mod soft_roce {
     /// 6.1 a READ whose response runs to 1,024 packets waits for the ACK timeout every
     /// time (1 MiB at the VM's 1,024-byte path MTU; perftest's `ib_read_bw -s 1048576`
     /// does the same), which made 64 MiB of reads take a minute more with a 1 s
-    /// timeout, and with a 67 ms one could retransmit forever.
+    /// timeout, and with a 67 ms one could retransmit until the reads' deadline.
     #[test]
     fn long_reads_do_not_wait_for_the_ack_timeout() {
         let Some((_s, _target, key, c, conn)) = super::connected_pair(32 << 20) else {
@@ -499,7 +499,8 @@ mod soft_roce {
             .map(|i| conn.read(&back, i << 23, &key, i << 23, 8 << 20).unwrap())
             .collect();
         pfs_transport::wait_all(ops).unwrap();
-        let n = timeouts() - before;
+        // (A NAK that finds a retry under way adds to one counter only.)
+        let n = timeouts().saturating_sub(before);
         // One stall per MiB was 32 here; a stray one (a packet reordered at the end of
         // a burst) is allowed.
         assert!(

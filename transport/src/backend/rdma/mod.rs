@@ -74,6 +74,12 @@ const CHUNK: u64 = 1 << 20;
 /// not at 256 KiB. On hardware a quarter of the size costs nothing: the 16 reads a
 /// connection keeps outstanding are still 4 MiB in flight.
 const READ_CHUNK: u64 = 256 << 10;
+
+/// The largest work request of a write (`true`) or a read.
+#[inline(always)]
+fn chunk(is_write: bool) -> u64 {
+    if is_write { CHUNK } else { READ_CHUNK }
+}
 /// How long a revocation waits for peers to acknowledge before it withdraws the
 /// registration regardless.
 const REVOKE_GRACE: Duration = Duration::from_secs(1);
@@ -619,7 +625,7 @@ impl RdmaEngine {
             && c.queue.is_empty()
             && c.ctl_out.is_empty()
             && c.sq_used < c.caps.send_wr;
-        if !idle || len == 0 || len > if is_write { CHUNK } else { READ_CHUNK } {
+        if !idle || len == 0 || len > chunk(is_write) {
             return Err(req);
         }
         let g = match c.last_known {
@@ -1636,7 +1642,7 @@ impl RdmaEngine {
         let mut at = c.head.posted;
         let need_notify = notify.is_some();
         while wrs.len() < room && (at < total || (total == 0 && wrs.is_empty() && at == 0)) {
-            let n = (total - at).min(if is_write { CHUNK } else { READ_CHUNK });
+            let n = (total - at).min(chunk(is_write));
             wrs.push(rw_wr(
                 op,
                 is_write,
