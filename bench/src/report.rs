@@ -658,6 +658,7 @@ mod tests {
             zero_copy_sends: 0,
             zero_copy_sends_copied: 0,
             transport: Default::default(),
+            first_op_seconds: 0.0,
         });
         r.reality_check_with_nic("veth", Some(("pfs-b0".into(), Some(1.25e9))));
         let ladder = &r.reality.as_ref().unwrap().ladder;
