@@ -95,15 +95,9 @@ struct Results {
     target_read_met: Option<bool>,
 }
 
+/// The middle of `v` (between the two middle ones for an even count; NaN if empty).
 fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    quantile(v, 0.5)
 }
 
 /// A 95% interval for `stat(a) / stat(b)`: the 2.5th and 97.5th percentiles of the ratio
@@ -576,14 +570,12 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let lrf = plf / lat;
         let lri = pli / lat;
         // The read target is judged on the lower quartiles of the two tools' sample
-        // medians. Under TCG the whole guest, kernel and user space alike, runs about
-        // twice as slow for stretches of seconds to tens of seconds: one connection's
-        // back-to-back samples move between the levels, perftest's samples do too, and the
-        // host gives the busy vCPU a whole core throughout (docs/benchmarks.md). A run's
-        // median lands on whichever level most of a tool's samples met (0.635x in one
-        // 5-round run, 1.527x in another). The lower quartile stays on the fast level
-        // while more than a quarter of each tool's samples are there, and, unlike the
-        // fastest sample, does not favour the tool with more samples.
+        // medians: under TCG the whole guest runs at half speed for stretches that fall
+        // on either tool's samples, and a run's median ratio says which tool they fell
+        // on more (0.647x and 1.527x in two runs of the same code). The lower quartile
+        // stays on the fast level while more than a quarter of each tool's samples are
+        // there, and, unlike the fastest sample, does not favour the tool with more
+        // samples (docs/benchmarks.md, "Judging the read target").
         let pt_q = quantile(&r.perftest_read_lat_us, 0.25);
         let pfs_q = quantile(&all_read, 0.25);
         let lrq = pfs_q / pt_q;

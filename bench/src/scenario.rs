@@ -248,9 +248,8 @@ impl Client<'_> {
         let mut inflight: VecDeque<(Instant, Op<()>)> = VecDeque::new();
         let mut atomics: VecDeque<Op<u64>> = VecDeque::new();
         // The source region's first use before anything is timed: on rdma it registers
-        // the whole region, once per region (under TCG about 0.5-1.5 s for 64 MiB, more
-        // than a warm-up allows for on a slow stretch, where it would eat into the
-        // timed part). A message would count at the receiver: sends skip it.
+        // the whole region (0.4-1.7 s for 64 MiB under TCG, which had overrun a 1.5 s
+        // warm-up). A message would count at the receiver: sends skip it.
         let first = Instant::now();
         if matches!(p.test, Test::Write | Test::Read) {
             self.submit(p, &local, 0, span)?.wait()?;
