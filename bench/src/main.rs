@@ -590,6 +590,7 @@ fn default_run(a: &RunArgs) -> AnyResult {
                 test,
                 size,
                 depth,
+                refill: 1,
                 duration: a.duration,
                 warmup: Duration::from_millis(300),
             };
@@ -730,6 +731,7 @@ pub(crate) fn client_measure(
         test,
         size,
         depth,
+        refill: 1,
         duration,
         warmup,
     })?)

@@ -40,6 +40,12 @@ pub struct RdmaArgs {
     /// and over, as ib_write_bw does (no difference here beyond the noise).
     #[arg(long, default_value = "64M", value_parser = region_size)]
     region: u64,
+    /// PacketFS's writes: how many of the 128 in flight complete before the window is
+    /// topped up again. 100 (the default) is ib_write_bw's cadence: it signals one work
+    /// request in `--cq-mod` (100) and refills after each such completion. 1 keeps 128 in
+    /// flight, posting one write per completion.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=128))]
+    write_refill: u32,
     /// Write-bandwidth samples per round, each tool's alternating with the other's.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     write_samples: u32,
@@ -73,6 +79,8 @@ struct Results {
     perftest_write_mib_s: Vec<f64>,
     perftest_read_lat_us: Vec<f64>,
     pfs_write_mib_s: Vec<f64>,
+    /// Completions after which PacketFS's write window is topped up (`--write-refill`).
+    pfs_write_refill: u32,
     /// Each in a fresh process, as perftest's samples are.
     pfs_read_lat_fresh_process_p50_us: Vec<f64>,
     /// Each in the bench's own long-lived process, right after the fresh one.
@@ -427,7 +435,10 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
     if let Some(d) = a.latency_trace {
         return latency_trace(&server_addr, &key, d);
     }
-    let mut r = Results::default();
+    let mut r = Results {
+        pfs_write_refill: a.write_refill,
+        ..Results::default()
+    };
     let c = Client {
         ep: &client,
         conn: &conn,
@@ -463,6 +474,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
                 test: Test::Write,
                 size: 64 << 10,
                 depth: 128,
+                refill: a.write_refill as usize,
                 duration: a.duration,
                 // As perftest's 1 s before it starts timing. The source region, which
                 // each run allocates, is registered before that, by the run's first
@@ -471,8 +483,10 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             })?;
             let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
             println!(
-                "round {round}.{s}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128; the first \
-                 write, registering the source, {:.0} ms before the warm-up)",
+                "round {round}.{s}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128, topped up \
+                 every {} completions; the first write, registering the source, {:.0} ms \
+                 before the warm-up)",
+                a.write_refill,
                 w.first_op_seconds * 1e3
             );
             println!("    kernel: {}", Snapshot::take().since(&k0));

@@ -644,6 +644,7 @@ mod tests {
             test: Test::Write,
             size: 1 << 20,
             depth: 8,
+            refill: 1,
             seconds: 1.0,
             ops: 1,
             bytes: 1,

@@ -46,6 +46,11 @@ pub struct Params {
     pub size: u64,
     /// Operations kept in flight (1 for latency tests).
     pub depth: usize,
+    /// Throughput tests: how many operations complete before the window is topped up
+    /// to `depth` again. 1 keeps `depth` in flight; perftest's `ib_write_bw` signals one
+    /// work request in `--cq-mod` (100) and refills after each such completion, so its
+    /// window swings between `depth - 100` and `depth`.
+    pub refill: usize,
     pub duration: Duration,
     pub warmup: Duration,
 }
@@ -109,6 +114,9 @@ pub struct Measurement {
     pub test: Test,
     pub size: u64,
     pub depth: usize,
+    /// Operations completed before the window is topped up again (1: `depth` kept in
+    /// flight; [`Params::refill`]).
+    pub refill: usize,
     pub seconds: f64,
     pub ops: u64,
     pub bytes: u64,
@@ -157,6 +165,7 @@ impl Measurement {
             test: p.test,
             size: p.size,
             depth: p.depth,
+            refill: p.refill,
             seconds: secs,
             ops,
             bytes,
@@ -276,9 +285,12 @@ impl Client<'_> {
                 }
                 atomics.pop_front().expect("non-empty").wait()?;
             } else {
-                while inflight.len() < p.depth {
-                    inflight.push_back((Instant::now(), self.submit(p, &local, i, span)?));
-                    i += 1;
+                // Top the window up once `refill` operations have completed.
+                if inflight.len() + p.refill.clamp(1, p.depth.max(1)) <= p.depth {
+                    while inflight.len() < p.depth {
+                        inflight.push_back((Instant::now(), self.submit(p, &local, i, span)?));
+                        i += 1;
+                    }
                 }
                 inflight.pop_front().expect("non-empty").1.wait()?;
             }
@@ -443,4 +455,44 @@ pub fn multi_throughput(
     );
     m.connections = targets.len();
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pfs_transport::EndpointConfig;
+
+    /// A window topped up in batches (as `pfs-bench rdma` writes) still counts every
+    /// completed write and moves the bytes; a batch larger than the window is the window.
+    #[test]
+    fn writes_topped_up_in_batches_are_all_counted() {
+        let server =
+            Endpoint::bind(EndpointConfig::new().listen("tcp://127.0.0.1:0").unwrap()).unwrap();
+        let target = server.alloc_region(64 << 10, Rights::ALL).unwrap();
+        let key = target.key(Rights::WRITE).unwrap();
+        let client = Endpoint::bind(EndpointConfig::new()).unwrap();
+        let conn = client.connect_addr(&server.local_addrs()[0]).unwrap();
+        let c = Client {
+            ep: &client,
+            conn: &conn,
+            key: &key,
+            mode: String::new(),
+            peer_copies: None,
+        };
+        for refill in [1, 3, 8, 100] {
+            let m = c
+                .run(&Params {
+                    test: Test::Write,
+                    size: 4 << 10,
+                    depth: 8,
+                    refill,
+                    duration: Duration::from_millis(100),
+                    warmup: Duration::from_millis(20),
+                })
+                .unwrap();
+            assert!(m.ops > 0, "refill {refill}: no writes completed");
+            assert_eq!(m.bytes, m.ops * (4 << 10));
+            assert_eq!(m.refill, refill);
+        }
+    }
 }

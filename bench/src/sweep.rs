@@ -391,6 +391,7 @@ fn size_sweep(
                 test,
                 size,
                 depth,
+                refill: 1,
                 duration: a.duration,
                 warmup: a.warmup,
             })?;
@@ -432,6 +433,7 @@ fn connection_sweep(
                 test: Test::Write,
                 size: a.connection_size,
                 depth,
+                refill: 1,
                 duration: a.duration,
                 warmup: a.warmup,
             },

@@ -118,6 +118,7 @@ fn json_output_follows_the_schema() {
             "test",
             "size",
             "depth",
+            "refill",
             "seconds",
             "ops",
             "gbytes_per_s",
