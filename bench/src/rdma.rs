@@ -333,6 +333,30 @@ fn perftest_once(test: Perftest) -> AnyResult<f64> {
     Ok(v.parse::<f64>()?)
 }
 
+/// Whether perftest takes the first sample of pair `s` (from 1) of `per_round` in
+/// `round` (from 1): every other pair over the whole run.
+fn perftest_first(round: usize, per_round: u32, s: u32) -> bool {
+    ((round - 1) * per_round as usize + s as usize) % 2 == 1
+}
+
+/// One sample of each tool, perftest's first or PacketFS's.
+type Sample<'a> = dyn Fn(&mut Results, usize, u32) -> AnyResult + 'a;
+fn sample_pair(
+    r: &mut Results,
+    (round, s): (usize, u32),
+    perftest_first: bool,
+    perftest: &Sample<'_>,
+    pfs: &Sample<'_>,
+) -> AnyResult {
+    if perftest_first {
+        perftest(r, round, s)?;
+        pfs(r, round, s)
+    } else {
+        pfs(r, round, s)?;
+        perftest(r, round, s)
+    }
+}
+
 /// The devices' addresses inside the VM (`PFS_RXE_ADDRS`, client then server).
 fn addrs() -> AnyResult<(String, String)> {
     let a = std::env::var("PFS_RXE_ADDRS").map_err(|_| {
@@ -454,77 +478,97 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             std::thread::sleep(d);
         }
     };
+    // One write sample of each tool (`round`.`s`), perftest's unless skipped.
+    let perftest_write = |r: &mut Results, round: usize, s: u32| -> AnyResult {
+        if a.no_perftest {
+            return Ok(());
+        }
+        let k0 = Snapshot::take();
+        let bw = perftest(Perftest::Write { secs: pt_secs })?;
+        println!("round {round}.{s}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s (-D {pt_secs})");
+        println!("    kernel: {}", Snapshot::take().since(&k0));
+        r.perftest_write_mib_s.push(bw);
+        Ok(())
+    };
+    let pfs_write = |r: &mut Results, round: usize, s: u32| -> AnyResult {
+        let k0 = Snapshot::take();
+        let w = c.run(&Params {
+            test: Test::Write,
+            size: 64 << 10,
+            depth: 128,
+            refill: a.write_refill as usize,
+            duration: a.duration,
+            // As perftest's 1 s before it starts timing. The source region, which
+            // each run allocates, is registered before that, by the run's first
+            // write (`first_op_seconds`).
+            warmup: Duration::from_secs(1),
+        })?;
+        let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
+        println!(
+            "round {round}.{s}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128, topped up \
+             every {} completions; the first write, registering the source, {:.0} ms \
+             before the warm-up)",
+            a.write_refill,
+            w.first_op_seconds * 1e3
+        );
+        println!("    kernel: {}", Snapshot::take().since(&k0));
+        r.pfs_write_mib_s.push(mib);
+        Ok(())
+    };
+    // One read sample of each tool: PacketFS's in a fresh process and in this one.
+    let perftest_read = |r: &mut Results, round: usize, s: u32| -> AnyResult {
+        if a.no_perftest {
+            return Ok(());
+        }
+        let lat = perftest(Perftest::Read)?;
+        println!("round {round}.{s}: perftest  ib_read_lat 2 B typical {lat:.2} µs");
+        r.perftest_read_lat_us.push(lat);
+        Ok(())
+    };
+    let pfs_read = |r: &mut Results, round: usize, s: u32| -> AnyResult {
+        // As many round trips as ib_read_lat's -n 2000, on a fresh connection: in a
+        // fresh process, as each of perftest's samples is a new process, and in this
+        // one. Under TCG a process tends to keep one speed level, and neither kind is
+        // consistently the faster (docs/benchmarks.md): the ratio is of the median of
+        // both kinds together, and each kind's is printed too.
+        settle();
+        let (f50, f99) = fresh_read_sample(&server_addr, &key)?;
+        println!(
+            "round {round}.{s}: PacketFS  read 2 B p50 {f50:.2} µs (p99 {f99:.2}) in a fresh \
+             process"
+        );
+        r.pfs_read_lat_fresh_process_p50_us.push(f50);
+        settle();
+        let (_lat_client, lat_conn, small) = latency_connection(&server_addr)?;
+        let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
+        if r.pfs_read_lat_in_process_p50_us.is_empty() {
+            println!(
+                "time-stamp counter: {mhz:.0} MHz against the clock over the run; the \
+                 kernel's calibration (/proc/cpuinfo, what perftest converts cycles with): {}",
+                cpuinfo_mhz().map_or("unknown".into(), |m| format!("{m:.0} MHz"))
+            );
+        }
+        println!(
+            "round {round}.{s}: PacketFS  read 2 B p50 {p50:.2} µs (p99 {p99:.2}) in this \
+             process"
+        );
+        r.pfs_read_lat_in_process_p50_us.push(p50);
+        Ok(())
+    };
     for round in 1..=a.rounds {
         // Samples of the two tools alternate, a few seconds apart. Under TCG the guest's
         // speed moves between levels that last seconds (the same read loop runs at 38 µs,
         // then 41, then 44; docs/benchmarks.md), so a sample of one tool taken far from
-        // the other's compares levels, not tools.
+        // the other's compares levels, not tools. Which tool goes first alternates from
+        // pair to pair too, so that a drift in the guest's speed (early in a boot it
+        // tends to slow) favours neither.
         for s in 1..=a.write_samples {
-            if !a.no_perftest {
-                let k0 = Snapshot::take();
-                let bw = perftest(Perftest::Write { secs: pt_secs })?;
-                println!(
-                    "round {round}.{s}: perftest  ib_write_bw 64 KiB {bw:.2} MiB/s (-D {pt_secs})"
-                );
-                println!("    kernel: {}", Snapshot::take().since(&k0));
-                r.perftest_write_mib_s.push(bw);
-            }
-            let k0 = Snapshot::take();
-            let w = c.run(&Params {
-                test: Test::Write,
-                size: 64 << 10,
-                depth: 128,
-                refill: a.write_refill as usize,
-                duration: a.duration,
-                // As perftest's 1 s before it starts timing. The source region, which
-                // each run allocates, is registered before that, by the run's first
-                // write (`first_op_seconds`).
-                warmup: Duration::from_secs(1),
-            })?;
-            let mib = w.bytes as f64 / w.seconds / (1 << 20) as f64;
-            println!(
-                "round {round}.{s}: PacketFS  write 64 KiB {mib:.2} MiB/s (depth 128, topped up \
-                 every {} completions; the first write, registering the source, {:.0} ms \
-                 before the warm-up)",
-                a.write_refill,
-                w.first_op_seconds * 1e3
-            );
-            println!("    kernel: {}", Snapshot::take().since(&k0));
-            r.pfs_write_mib_s.push(mib);
+            let first = perftest_first(round, a.write_samples, s);
+            sample_pair(&mut r, (round, s), first, &perftest_write, &pfs_write)?;
         }
         for s in 1..=a.lat_samples {
-            if !a.no_perftest {
-                let lat = perftest(Perftest::Read)?;
-                println!("round {round}.{s}: perftest  ib_read_lat 2 B typical {lat:.2} µs");
-                r.perftest_read_lat_us.push(lat);
-            }
-            // As many round trips as ib_read_lat's -n 2000, on a fresh connection: in a
-            // fresh process, as each of perftest's samples is a new process, and in this
-            // one. Under TCG a process tends to keep one speed level, and neither kind is
-            // consistently the faster (docs/benchmarks.md): the ratio is of the median of
-            // both kinds together, and each kind's is printed too.
-            settle();
-            let (f50, f99) = fresh_read_sample(&server_addr, &key)?;
-            println!(
-                "round {round}.{s}: PacketFS  read 2 B p50 {f50:.2} µs (p99 {f99:.2}) in a fresh \
-                 process"
-            );
-            r.pfs_read_lat_fresh_process_p50_us.push(f50);
-            settle();
-            let (_lat_client, lat_conn, small) = latency_connection(&server_addr)?;
-            let (p50, p99, mhz) = read_latency(&lat_conn, &small, &key, 2000)?;
-            if round == 1 && s == 1 {
-                println!(
-                    "time-stamp counter: {mhz:.0} MHz against the clock over the run; the \
-                     kernel's calibration (/proc/cpuinfo, what perftest converts cycles with): {}",
-                    cpuinfo_mhz().map_or("unknown".into(), |m| format!("{m:.0} MHz"))
-                );
-            }
-            println!(
-                "round {round}.{s}: PacketFS  read 2 B p50 {p50:.2} µs (p99 {p99:.2}) in this \
-                 process"
-            );
-            r.pfs_read_lat_in_process_p50_us.push(p50);
+            let first = perftest_first(round, a.lat_samples, s);
+            sample_pair(&mut r, (round, s), first, &perftest_read, &pfs_read)?;
         }
         // Registration: the first write from a fresh 64 MiB region registers it; the
         // writes after it find the registration cached. 4 KiB: larger than what goes
@@ -695,6 +739,15 @@ mod tests {
             ratio_interval(&a, &b, median)
         );
         assert!(ratio_interval(&[], &b, median).0.is_nan());
+    }
+
+    #[test]
+    fn the_first_tool_alternates_from_pair_to_pair_over_the_run() {
+        let order: Vec<bool> = (1..=2)
+            .flat_map(|round| (1..=3).map(move |s| perftest_first(round, 3, s)))
+            .collect();
+        assert_eq!(order, [true, false, true, false, true, false]);
+        assert!(perftest_first(1, 1, 1) && !perftest_first(2, 1, 1));
     }
 
     #[test]
