@@ -339,16 +339,16 @@ fn perftest_first(round: usize, per_round: u32, s: u32) -> bool {
     ((round - 1) * per_round as usize + s as usize) % 2 == 1
 }
 
-/// One sample of each tool, perftest's first or PacketFS's.
+/// One sample of each tool for pair `s` of `per_round` in `round`, perftest's first
+/// or PacketFS's ([`perftest_first`]).
 type Sample<'a> = dyn Fn(&mut Results, usize, u32) -> AnyResult + 'a;
 fn sample_pair(
     r: &mut Results,
-    (round, s): (usize, u32),
-    perftest_first: bool,
+    (round, s, per_round): (usize, u32, u32),
     perftest: &Sample<'_>,
     pfs: &Sample<'_>,
 ) -> AnyResult {
-    if perftest_first {
+    if perftest_first(round, per_round, s) {
         perftest(r, round, s)?;
         pfs(r, round, s)
     } else {
@@ -563,12 +563,15 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         // pair to pair too, so that a drift in the guest's speed (early in a boot it
         // tends to slow) favours neither.
         for s in 1..=a.write_samples {
-            let first = perftest_first(round, a.write_samples, s);
-            sample_pair(&mut r, (round, s), first, &perftest_write, &pfs_write)?;
+            sample_pair(
+                &mut r,
+                (round, s, a.write_samples),
+                &perftest_write,
+                &pfs_write,
+            )?;
         }
         for s in 1..=a.lat_samples {
-            let first = perftest_first(round, a.lat_samples, s);
-            sample_pair(&mut r, (round, s), first, &perftest_read, &pfs_read)?;
+            sample_pair(&mut r, (round, s, a.lat_samples), &perftest_read, &pfs_read)?;
         }
         // Registration: the first write from a fresh 64 MiB region registers it; the
         // writes after it find the registration cached. 4 KiB: larger than what goes

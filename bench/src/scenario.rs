@@ -254,6 +254,8 @@ impl Client<'_> {
             .alloc_region(span.max(p.size) as usize, Rights::ALL)?;
         let before = self.ep.stats();
         let peer_before = self.peer_copies.as_ref().map(|f| f());
+        // Operations that complete before the window is topped up (at most the window).
+        let refill = p.refill.clamp(1, p.depth.max(1));
         let mut inflight: VecDeque<(Instant, Op<()>)> = VecDeque::new();
         let mut atomics: VecDeque<Op<u64>> = VecDeque::new();
         // The source region's first use before anything is timed: on rdma it registers
@@ -285,8 +287,7 @@ impl Client<'_> {
                 }
                 atomics.pop_front().expect("non-empty").wait()?;
             } else {
-                // Top the window up once `refill` operations have completed.
-                if inflight.len() + p.refill.clamp(1, p.depth.max(1)) <= p.depth {
+                if inflight.len() + refill <= p.depth {
                     while inflight.len() < p.depth {
                         inflight.push_back((Instant::now(), self.submit(p, &local, i, span)?));
                         i += 1;
