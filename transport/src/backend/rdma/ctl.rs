@@ -22,6 +22,17 @@ pub(crate) const MSG_ACK: u8 = 9;
 pub(crate) const MAGIC: [u8; 4] = *b"PFSR";
 pub(crate) const VERSION: u8 = 1;
 
+/// Flags, the byte after the version: authentication data follows (a nonce in the
+/// hello, a proof in the welcome).
+const F_AUTH: u8 = 1;
+/// Flags: the sender's NIC performs atomics on big-endian 8-byte words. Verbs atomics
+/// work in the byte order of the responder's host (a device that cannot offers no
+/// atomics, `atomic_cap` NONE), so this is set by big-endian hosts.
+const F_BE_WORDS: u8 = 2;
+
+/// Whether this host's NIC performs atomics on big-endian words (see `F_BE_WORDS`).
+pub(crate) const HOST_BE_WORDS: bool = cfg!(target_endian = "big");
+
 /// The initiator's private data on `rdma_connect` (at most 56 bytes on RC).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Hello {
@@ -29,6 +40,12 @@ pub(crate) struct Hello {
     pub(crate) max_payload: u32,
     /// Present when the initiator authenticates.
     pub(crate) nonce: Option<[u8; NONCE_LEN]>,
+    /// The initiator's NIC performs atomics on big-endian words.
+    pub(crate) be_words: bool,
+}
+
+fn flags(auth: bool, be_words: bool) -> u8 {
+    (if auth { F_AUTH } else { 0 }) | (if be_words { F_BE_WORDS } else { 0 })
 }
 
 impl Hello {
@@ -36,7 +53,7 @@ impl Hello {
         let mut b = Vec::with_capacity(18 + NONCE_LEN);
         b.extend_from_slice(&MAGIC);
         b.push(VERSION);
-        b.push(u8::from(self.nonce.is_some()));
+        b.push(flags(self.nonce.is_some(), self.be_words));
         b.extend_from_slice(&self.endpoint.to_le_bytes());
         b.extend_from_slice(&self.max_payload.to_le_bytes());
         if let Some(n) = &self.nonce {
@@ -58,9 +75,15 @@ impl Hello {
         }
         let endpoint = u64::from_le_bytes(b[6..14].try_into().expect("8 bytes"));
         let max_payload = u32::from_le_bytes(b[14..18].try_into().expect("4 bytes"));
-        let nonce = match b[5] {
+        if b[5] & !(F_AUTH | F_BE_WORDS) != 0 {
+            return Err(format!(
+                "unknown flags {:#04x} in the connection request",
+                b[5]
+            ));
+        }
+        let nonce = match b[5] & F_AUTH {
             0 => None,
-            1 if b.len() >= 18 + NONCE_LEN => {
+            _ if b.len() >= 18 + NONCE_LEN => {
                 Some(b[18..18 + NONCE_LEN].try_into().expect("nonce length"))
             }
             _ => return Err("malformed authentication data in the connection request".into()),
@@ -69,6 +92,7 @@ impl Hello {
             endpoint,
             max_payload,
             nonce,
+            be_words: b[5] & F_BE_WORDS != 0,
         })
     }
 }
@@ -80,6 +104,8 @@ pub(crate) struct Welcome {
     pub(crate) max_payload: u32,
     /// The target's nonce and proof, when it authenticates.
     pub(crate) proof: Option<Vec<u8>>,
+    /// The target's NIC performs atomics on big-endian words.
+    pub(crate) be_words: bool,
 }
 
 impl Welcome {
@@ -87,7 +113,7 @@ impl Welcome {
         let mut b = Vec::with_capacity(18 + NONCE_LEN + PROOF_LEN);
         b.extend_from_slice(&MAGIC);
         b.push(VERSION);
-        b.push(u8::from(self.proof.is_some()));
+        b.push(flags(self.proof.is_some(), self.be_words));
         b.extend_from_slice(&self.endpoint.to_le_bytes());
         b.extend_from_slice(&self.max_payload.to_le_bytes());
         if let Some(p) = &self.proof {
@@ -100,9 +126,12 @@ impl Welcome {
         if b.len() < 18 || b[..4] != MAGIC || b[4] != VERSION {
             return None;
         }
-        let proof = match b[5] {
+        if b[5] & !(F_AUTH | F_BE_WORDS) != 0 {
+            return None;
+        }
+        let proof = match b[5] & F_AUTH {
             0 => None,
-            1 if b.len() >= 18 + NONCE_LEN + PROOF_LEN => {
+            _ if b.len() >= 18 + NONCE_LEN + PROOF_LEN => {
                 Some(b[18..18 + NONCE_LEN + PROOF_LEN].to_vec())
             }
             _ => return None,
@@ -111,6 +140,7 @@ impl Welcome {
             endpoint: u64::from_le_bytes(b[6..14].try_into().ok()?),
             max_payload: u32::from_le_bytes(b[14..18].try_into().ok()?),
             proof,
+            be_words: b[5] & F_BE_WORDS != 0,
         })
     }
 }
@@ -294,6 +324,7 @@ mod tests {
             endpoint: 7,
             max_payload: 1 << 20,
             nonce: Some([3; NONCE_LEN]),
+            be_words: false,
         };
         let e = h.encode();
         assert!(e.len() <= 56, "REQ private data is limited to 56 bytes");
@@ -306,6 +337,7 @@ mod tests {
             endpoint: 9,
             max_payload: 5,
             proof: Some(vec![1; NONCE_LEN + PROOF_LEN]),
+            be_words: false,
         };
         assert_eq!(Welcome::decode(&w.encode()).unwrap(), w);
         let g = KeyAnswer::Granted(GrantInfo {
@@ -332,5 +364,48 @@ mod tests {
             decode_reject(&encode_reject(RejectCode::Busy, "full")),
             Some((2, "full".into()))
         );
+    }
+
+    #[test]
+    fn the_word_order_flag_rides_with_the_auth_flag() {
+        for (nonce, be_words) in [(None, false), (None, true), (Some([4; NONCE_LEN]), true)] {
+            let h = Hello {
+                endpoint: 1,
+                max_payload: 2,
+                nonce,
+                be_words,
+            };
+            assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+            let w = Welcome {
+                endpoint: 3,
+                max_payload: 4,
+                proof: nonce.map(|_| vec![2; NONCE_LEN + PROOF_LEN]),
+                be_words,
+            };
+            assert_eq!(Welcome::decode(&w.encode()).unwrap(), w);
+        }
+        // A flag this version does not know is refused, not ignored.
+        let mut h = Hello {
+            endpoint: 1,
+            max_payload: 2,
+            nonce: None,
+            be_words: false,
+        }
+        .encode();
+        h[5] = 4;
+        assert!(
+            Hello::decode(&h)
+                .unwrap_err()
+                .contains("unknown flags 0x04")
+        );
+        let mut w = Welcome {
+            endpoint: 1,
+            max_payload: 2,
+            proof: None,
+            be_words: false,
+        }
+        .encode();
+        w[5] = 0x80;
+        assert!(Welcome::decode(&w).is_none());
     }
 }

@@ -263,6 +263,8 @@ struct RConn {
     pending: Option<Arc<Pending>>,
     shared: Option<Arc<ConnShared>>,
     hello: Option<ctl::Hello>,
+    /// The peer's NIC performs atomics on big-endian words (from its handshake).
+    peer_be_words: bool,
     transcript: Option<crate::auth::Transcript>,
     deadline: Option<Instant>,
     caps: QpCaps,
@@ -303,6 +305,7 @@ impl RConn {
             pending: None,
             shared: None,
             hello: None,
+            peer_be_words: false,
             transcript: None,
             deadline: None,
             caps: QpCaps {
@@ -794,6 +797,7 @@ impl RdmaEngine {
                     endpoint: self.core.id,
                     max_payload: self.core.config.max_payload(),
                     nonce,
+                    be_words: ctl::HOST_BE_WORDS,
                 });
                 c.deadline = Some(Instant::now() + self.core.config.connect_timeout);
                 st.conns.insert(key, c);
@@ -934,6 +938,7 @@ impl RdmaEngine {
                         endpoint: self.core.id,
                         max_payload: self.core.config.max_payload(),
                         nonce: c.hello.as_ref().and_then(|h| h.nonce),
+                        be_words: ctl::HOST_BE_WORDS,
                     };
                     c.id()
                         .connect(&hello.encode())
@@ -1086,6 +1091,7 @@ impl RdmaEngine {
         st.next_key += 1;
         st.by_id.insert(id.key(), key);
         let mut c = RConn::new(id, peer, Phase::Connecting);
+        c.peer_be_words = hello.be_words;
         c.hello = Some(hello);
         c.transcript = transcript;
         c.deadline = Some(Instant::now() + cfg.connect_timeout);
@@ -1095,6 +1101,7 @@ impl RdmaEngine {
             endpoint: self.core.id,
             max_payload: cfg.max_payload(),
             proof: welcome_proof,
+            be_words: ctl::HOST_BE_WORDS,
         };
         let r = self.setup_qp(st, key).and_then(|_| {
             st.conns[&key]
@@ -1130,6 +1137,7 @@ impl RdmaEngine {
                     Error::Protocol("the target's accept carries no PacketFS handshake".into()),
                 );
             };
+            c.peer_be_words = w.be_words;
             let proof = crate::auth::check_target(
                 self.core.config.secret.as_ref(),
                 c.hello.as_ref().and_then(|h| h.nonce),
@@ -1509,6 +1517,12 @@ impl RdmaEngine {
         if c.sq_used >= c.caps.send_wr || c.atomic_free.is_empty() {
             return Ok(0);
         }
+        let head = &c.queue.front().expect("head").kind;
+        if let Some(e) = word_order_refusal(c.peer_be_words, head, || c.where_()) {
+            let req = c.queue.pop_front().expect("head");
+            shared.finish(&req.done, Err(e));
+            return Ok(1);
+        }
         let slot = c.atomic_free.pop().expect("non-empty");
         let req = c.queue.pop_front().expect("head");
         let (t, opcode, compare_add, swap) = match req.kind {
@@ -1516,7 +1530,10 @@ impl RdmaEngine {
                 target,
                 expected,
                 new,
-            } => (target, verbs::OP_CAS, expected, new),
+            } => {
+                let (e, n) = cas_operands(c.peer_be_words, expected, new);
+                (target, verbs::OP_CAS, e, n)
+            }
             OpKind::Faa { target, add } => (target, verbs::OP_FAA, add, 0),
             _ => unreachable!("issue_atomic on an atomic"),
         };
@@ -2391,9 +2408,48 @@ fn read_recv_slot(c: &RConn, slot: usize, len: usize) -> Vec<u8> {
 fn read_atomic_slot(c: &RConn, slot: usize) -> u64 {
     let mr = c.atomic_mr.as_ref().expect("atomic buffers");
     let b = mr.read_at(mr.addr() + (slot * 8) as u64, 8);
-    // The device writes the old value in host order; the API's values are host-order
-    // integers of little-endian memory words (see docs/rdma.md on byte order).
-    u64::from_ne_bytes(b.try_into().expect("8 bytes"))
+    // The device writes the old value as a host-order integer (see `cas_operands`).
+    api_word(
+        c.peer_be_words,
+        u64::from_ne_bytes(b.try_into().expect("8 bytes")),
+    )
+}
+
+/// The verbs' compare and swap operands for the API's `expected` and `new`. The API's
+/// values are host-order integers of little-endian memory words; verbs atomics work on
+/// words in the byte order of the responder's host (docs/rdma.md, "Atomics"). On a
+/// peer that works on big-endian words the operands are the byte-swapped values:
+/// comparing or storing 8 bytes is the same in either order, so the swapped operation
+/// is exact. (A fetch-and-add is not: its carries run the other way.)
+fn cas_operands(peer_be_words: bool, expected: u64, new: u64) -> (u64, u64) {
+    if peer_be_words {
+        (expected.swap_bytes(), new.swap_bytes())
+    } else {
+        (expected, new)
+    }
+}
+
+/// Why an atomic cannot keep the API's little-endian words on this peer (`None`: it
+/// can): a fetch-and-add on a peer whose NIC adds on big-endian words.
+fn word_order_refusal(
+    peer_be_words: bool,
+    op: &OpKind,
+    conn: impl FnOnce() -> String,
+) -> Option<Error> {
+    (peer_be_words && matches!(op, OpKind::Faa { .. })).then(|| Error::Unsupported {
+        reason: format!(
+            "fetch-and-add on {}: the peer's NIC adds on big-endian words (a big-endian \
+             host), which would break the API's little-endian words; use compare-and-swap, \
+             which is converted for such peers",
+            conn()
+        ),
+    })
+}
+
+/// The API's value of the old word an atomic returned (`old`, as the responder read
+/// it, in this host's integers): see `cas_operands`.
+fn api_word(peer_be_words: bool, old: u64) -> u64 {
+    if peer_be_words { old.swap_bytes() } else { old }
 }
 
 impl GrantWatcher for RdmaEngine {
@@ -2616,5 +2672,86 @@ impl Engine for RdmaEngine {
             self.describe.lock().expect("describe lock"),
             self.registrations.load(Ordering::Relaxed)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A responder's NIC doing a compare-and-swap on 8 bytes of its memory, reading the
+    /// word in its host's byte order, as verbs atomics do.
+    fn nic_cas(mem: &mut [u8; 8], be_words: bool, compare: u64, swap: u64) -> u64 {
+        let cur = if be_words {
+            u64::from_be_bytes(*mem)
+        } else {
+            u64::from_le_bytes(*mem)
+        };
+        if cur == compare {
+            *mem = if be_words {
+                swap.to_be_bytes()
+            } else {
+                swap.to_le_bytes()
+            };
+        }
+        cur
+    }
+
+    #[test]
+    fn compare_and_swap_keeps_little_endian_words_on_either_peer() {
+        let words = [0, 1, 0x0102_0304_0506_0708, u64::MAX, 0xFF00_0000_0000_0001];
+        for be_words in [false, true] {
+            for &start in &words {
+                for &expected in &words {
+                    let new = expected.wrapping_mul(31).wrapping_add(7);
+                    let mut mem = start.to_le_bytes();
+                    let (e, n) = cas_operands(be_words, expected, new);
+                    let old = api_word(be_words, nic_cas(&mut mem, be_words, e, n));
+                    assert_eq!(old, start, "old value, peer be_words={be_words}");
+                    let want = if start == expected { new } else { start };
+                    assert_eq!(
+                        mem,
+                        want.to_le_bytes(),
+                        "memory after CAS({expected:#x}, {new:#x}) on {start:#x}, \
+                         peer be_words={be_words}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fetch_and_add_is_refused_only_on_big_endian_words() {
+        let target = Target {
+            region: 1,
+            offset: 8,
+            token: [0; TOKEN_LEN],
+        };
+        let faa = OpKind::Faa { target, add: 1 };
+        let cas = OpKind::Cas {
+            target,
+            expected: 0,
+            new: 1,
+        };
+        let name = || "rxe0 to 10.0.0.2:7000".to_string();
+        match word_order_refusal(true, &faa, name) {
+            Some(Error::Unsupported { reason }) => {
+                assert!(reason.contains("rxe0 to 10.0.0.2:7000"), "{reason}");
+                assert!(reason.contains("use compare-and-swap"), "{reason}");
+            }
+            other => panic!("fetch-and-add on big-endian words: {other:?}"),
+        }
+        assert!(word_order_refusal(true, &cas, name).is_none());
+        assert!(word_order_refusal(false, &faa, name).is_none());
+    }
+
+    #[test]
+    fn swapped_operands_would_be_wrong_on_a_little_endian_peer() {
+        // The conversion is needed only for big-endian peers: applied to a
+        // little-endian one it would miss a match (so the flag must be the peer's).
+        let mut mem = 5u64.to_le_bytes();
+        let (e, n) = cas_operands(true, 5, 6);
+        nic_cas(&mut mem, false, e, n);
+        assert_eq!(mem, 5u64.to_le_bytes());
     }
 }
