@@ -3,6 +3,7 @@
 
 mod baseline;
 mod info;
+#[cfg(feature = "rdma")]
 mod kstat;
 mod memcpy;
 mod plot;

@@ -44,7 +44,8 @@ pub(crate) enum OpKind {
 
 impl OpKind {
     /// The remote access this operation makes: its target, the rights it needs and its
-    /// length (`None` for messages and fences).
+    /// length (`None` for messages and fences). The rdma engine checks a grant with it.
+    #[cfg(feature = "rdma")]
     pub(crate) fn access(&self) -> Option<(Target, crate::key::Rights, u64)> {
         use crate::key::Rights;
         match self {

@@ -80,6 +80,8 @@ struct InWrite {
 /// Reassembly of an incoming message.
 struct InSend {
     buf: Vec<u8>,
+    /// The length its first segment announced; every segment must announce the same.
+    len: u64,
     got: u64,
     refused: bool,
     /// Its number, if it came as `SEND_SEQ`.
@@ -937,6 +939,7 @@ impl OpLayer {
         let max = core.config.max_message_size as u64;
         let e = self.sends_in.entry(op_id).or_insert_with(|| InSend {
             buf: Vec::new(),
+            len: msg_len,
             got: 0,
             refused: msg_len > max,
             seq,
@@ -944,6 +947,19 @@ impl OpLayer {
         if e.seq != seq {
             shared.count(C::drops, 1);
             shared.count(C::protocol_errors, 1);
+            return None;
+        }
+        if e.len != msg_len {
+            // The buffer was sized (and the limit checked) by the first segment: a
+            // peer that changes the length mid-message is cut off, never followed.
+            let first = e.len;
+            shared.count(C::drops, 1);
+            shared.count(C::protocol_errors, 1);
+            shared.count(C::errors, 1);
+            self.violation = Some(format!(
+                "the peer announced message segments of operation {op_id} as parts of \
+                 {first} bytes, then of {msg_len}"
+            ));
             return None;
         }
         if e.refused {

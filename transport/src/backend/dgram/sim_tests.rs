@@ -650,3 +650,34 @@ fn a_peer_that_numbers_messages_it_never_sends_is_cut_off() {
         s.messages_discarded
     );
 }
+
+#[test]
+fn a_peer_that_changes_a_messages_length_midway_is_cut_off() {
+    use crate::wire::Body;
+    // An on-path attacker (no integrity) rewrites the length that every segment of
+    // message 0 but the first announces, to 1 GiB: the receiver, which sized the
+    // message's buffer (and checked the limit) by the first segment, must neither
+    // follow it nor wait for bytes that never come.
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (conn, peer) = w.connect();
+    w.net.with_link(|l| {
+        l.tamper(Box::new(|from, _, d| {
+            client_messages(from, d, |h, at, d| {
+                if let Body::SendSeq { msg_off, .. } = h.body
+                    && msg_off > 0
+                {
+                    let field = at + crate::wire::PREFIX_LEN + 4;
+                    d[field..field + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+                }
+                false
+            });
+            false
+        }))
+    });
+    let op = conn.send(&pattern(0, 5000)).unwrap();
+    w.until(Duration::from_secs(10), || peer.is_closed().then_some(()));
+    assert!(w.wait(op).is_err(), "the mangled message was acknowledged");
+    let s = peer.stats();
+    assert_eq!(s.messages_received, 0, "{s:?}");
+    assert!(s.protocol_errors >= 1, "{s:?}");
+}
