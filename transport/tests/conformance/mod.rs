@@ -930,6 +930,54 @@ pub fn large_transfer_byte_exact(f: &Fixture) {
     assert_eq!(checksum(&back), want, "read bytes differ");
 }
 
+pub fn revoking_under_a_large_read_lets_the_connection_go_on(f: &Fixture) {
+    // A read of many work requests (rdma: 16 of 256 KiB), its key revoked while it is
+    // under way: the read completes or fails as revoked, and what was queued behind it
+    // on the connection (a message, a read with another key) still goes through. On
+    // rdma the peer acknowledges the revocation once its reads under the grant are
+    // done, and the target withdraws the registration only then (or after a second):
+    // 4 MiB takes a fraction of that even under TCG.
+    let p = f.pair_with(|c| c.op_timeout(Duration::from_secs(60)));
+    let total = f.large.min(4 << 20);
+    let target = p.server.alloc_region(total, Rights::ALL).unwrap();
+    let other = p.server.alloc_region(4096, Rights::ALL).unwrap();
+    fill_pattern(&other, 5);
+    let back = p.client.alloc_region(total, Rights::ALL).unwrap();
+    let key = target.key(Rights::READ).unwrap();
+    let other_key = other.key(Rights::READ).unwrap();
+    p.conn.read(&back, 0, &key, 0, 8).unwrap().wait().unwrap();
+    let big = p.conn.read(&back, 0, &key, 0, total as u64).unwrap();
+    let msg = p.conn.send(b"after the read").unwrap();
+    let small = p.conn.read(&back, 0, &other_key, 0, 64).unwrap();
+    // Revoked from another thread: the caller-driven client must keep making progress
+    // (here, in `wait`) to acknowledge the revocation.
+    std::thread::scope(|s| {
+        s.spawn(|| target.revoke(&key).unwrap());
+        match big.wait() {
+            Ok(()) | Err(Error::Revoked) => {}
+            Err(e) => panic!("the read under a revoked key failed with {e:?}"),
+        }
+        msg.wait().expect("the message queued behind the read");
+        small.wait().expect("the read with another key");
+    });
+    let mut want = vec![0u8; 64];
+    other.read_at(0, &mut want).unwrap();
+    let mut got = vec![0u8; 64];
+    back.read_at(0, &mut got).unwrap();
+    assert_eq!(got, want, "the read with another key");
+    let m = p
+        .peer
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("message");
+    assert_eq!(m, b"after the read");
+    p.conn
+        .read(&back, 0, &other_key, 0, 8)
+        .unwrap()
+        .wait()
+        .expect("the connection goes on");
+}
+
 pub fn async_ops_from_any_executor(f: &Fixture) {
     let p = f.pair();
     let target = p.server.alloc_region(4096, Rights::ALL).unwrap();
@@ -1199,6 +1247,10 @@ macro_rules! conformance_suite {
             #[test]
             fn large_transfer_byte_exact() {
                 c::large_transfer_byte_exact(&fx())
+            }
+            #[test]
+            fn revoking_under_a_large_read_lets_the_connection_go_on() {
+                c::revoking_under_a_large_read_lets_the_connection_go_on(&fx())
             }
             #[test]
             fn async_ops_from_any_executor() {

@@ -263,17 +263,18 @@ pub(crate) fn parse_key_ans(b: &[u8]) -> Option<(u32, KeyAnswer)> {
         if b.len() != 7 + 8 + 8 + 4 + 8 + 1 + 8 {
             return None;
         }
-        return Some((
-            req,
-            KeyAnswer::Granted(GrantInfo {
-                grant: u64_at(b, 7)?,
-                addr: u64_at(b, 15)?,
-                rkey: u32_at(b, 23)?,
-                len: u64_at(b, 27)?,
-                rights: b[35],
-                expires_in_ms: u64_at(b, 36)?,
-            }),
-        ));
+        let g = GrantInfo {
+            grant: u64_at(b, 7)?,
+            addr: u64_at(b, 15)?,
+            rkey: u32_at(b, 23)?,
+            len: u64_at(b, 27)?,
+            rights: b[35],
+            expires_in_ms: u64_at(b, 36)?,
+        };
+        // A registration ends inside the address space: every remote address computed
+        // from a checked offset (`offset + len <= g.len`) then fits a u64.
+        g.addr.checked_add(g.len)?;
+        return Some((req, KeyAnswer::Granted(g)));
     }
     let code = ErrorCode::from_u16(code)?;
     Some((
@@ -352,6 +353,15 @@ mod tests {
         let r = KeyAnswer::Refused(ErrorCode::Revoked, "key revoked".into());
         assert_eq!(parse_key_ans(&key_ans(12, &r)).unwrap(), (12, r));
         assert!(parse_key_ans(&[KEY_ANS, 1, 2]).is_none());
+        let wraps = KeyAnswer::Granted(GrantInfo {
+            grant: 1,
+            addr: u64::MAX - 3,
+            rkey: 3,
+            len: 4096,
+            rights: 5,
+            expires_in_ms: 0,
+        });
+        assert!(parse_key_ans(&key_ans(13, &wraps)).is_none());
         assert_eq!(
             parse_key_req(&key_req(1, 2, &[9; TOKEN_LEN], 3)),
             Some((1, 2, [9; TOKEN_LEN], 3))

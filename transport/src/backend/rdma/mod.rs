@@ -63,6 +63,12 @@ const BUF: usize = 16 * 1024;
 const SEND_N: usize = 64;
 /// Result slots for atomics per connection.
 const ATOMIC_N: usize = 64;
+/// Control records (key answers, revocation answers) waiting for a send buffer, per
+/// connection, before the peer is cut off: each answers a message the peer sent, so a
+/// peer that floods them while it stops taking SENDs (its receive queue full, ours
+/// retrying forever) would otherwise grow the queue without bound. An honest peer's
+/// backlog is its outstanding key requests and revocations: far fewer.
+const MAX_CTL_OUT: usize = 4096;
 /// Send queue depth asked for, and the inline size.
 const SQ_DEPTH: u32 = 256;
 const INLINE_WANT: u32 = 128;
@@ -218,6 +224,7 @@ impl Inflight {
             wrs: 0,
             error: None,
             atomic: None,
+            grant: None,
             bytes: 0,
             what: None,
             needs_ack: false,
@@ -238,6 +245,8 @@ struct Inflight {
     error: Option<Box<Error>>,
     /// Atomics: the result slot.
     atomic: Option<usize>,
+    /// The grant its work requests use (reads, writes and atomics).
+    grant: Option<u64>,
     /// Bytes to count on success, and as what.
     bytes: u64,
     what: Option<C>,
@@ -292,6 +301,9 @@ struct RConn {
     unacked: VecDeque<u32>,
     /// Messages queued for the application not acknowledged to the peer yet.
     acks_owed: u32,
+    /// Grants the peer revoked whose `REVOKE_ACK` waits for this side's operations on
+    /// them to complete (see `release_revoke_acks`).
+    revoke_acks_held: Vec<u64>,
     held: VecDeque<(usize, usize)>,
     stalled: bool,
 }
@@ -331,6 +343,7 @@ impl RConn {
             asking: HashMap::new(),
             next_req: 1,
             partial: Vec::new(),
+            revoke_acks_held: Vec::new(),
             unacked: VecDeque::new(),
             acks_owed: 0,
             held: VecDeque::new(),
@@ -707,6 +720,7 @@ impl RdmaEngine {
                     wrs: 1,
                     bytes: len,
                     what: Some(what),
+                    grant: Some(g.grant),
                     ..Inflight::new((done, deadline), conn, Some(local))
                 },
             );
@@ -1417,8 +1431,7 @@ impl RdmaEngine {
             };
             // Checked against the target's own answer: never let the NIC refuse.
             if let Some(e) = refusal(&g, &t, need, len, dev_atomics, || c.where_()) {
-                let r = c.queue.pop_front().expect("head");
-                shared.finish(&r.done, Err(e));
+                Self::fail_head(c, &shared, e);
                 return Ok(1);
             }
         }
@@ -1567,6 +1580,7 @@ impl RdmaEngine {
         let f = c.ops.get_mut(&u64::from(op)).expect("op");
         f.wrs = 1;
         f.atomic = Some(slot);
+        f.grant = Some(g.grant);
         Ok(1)
     }
 
@@ -1599,9 +1613,7 @@ impl RdmaEngine {
             match self.local_mr(st, di, local.mem()) {
                 Ok(l) => l,
                 Err(e) => {
-                    let c = st.conns.get_mut(&k).expect("conn");
-                    let r = c.queue.pop_front().expect("head");
-                    shared.finish(&r.done, Err(e));
+                    Self::fail_head(st.conns.get_mut(&k).expect("conn"), shared, e);
                     return Ok(1);
                 }
             }
@@ -1641,6 +1653,7 @@ impl RdmaEngine {
                 let op = Self::new_inflight(c, who, shared, Some(local.clone()));
                 let f = c.ops.get_mut(&u64::from(op)).expect("new");
                 f.bytes = total;
+                f.grant = Some(g.grant);
                 f.what = Some(if is_write {
                     C::bytes_written
                 } else {
@@ -1831,6 +1844,9 @@ impl RdmaEngine {
                 f.error = err.as_ref().map(|e| Box::new(clone_err(e)));
             }
             Self::try_finish(c, op);
+            if !c.revoke_acks_held.is_empty() {
+                self.release_revoke_acks(st, k);
+            }
         }
         if failed && wc.status != verbs::WC_FLUSH {
             // The QP is in the error state now: the connection is over.
@@ -1841,6 +1857,48 @@ impl RdmaEngine {
 
     /// Complete operation `op` if nothing of it is outstanding: all of it posted, every
     /// work request completed, and (messages) the peer's acknowledgement in.
+    /// Send the `REVOKE_ACK`s held for grants that no operation in flight uses any more.
+    fn release_revoke_acks(&self, st: &mut State, k: u64) {
+        let Some(c) = st.conns.get_mut(&k) else {
+            return;
+        };
+        let before = c.ctl_out.len();
+        let RConn {
+            revoke_acks_held,
+            ops,
+            ctl_out,
+            ..
+        } = c;
+        revoke_acks_held.retain(|&gid| {
+            if ops.values().any(|f| f.grant == Some(gid)) {
+                return true;
+            }
+            ctl_out.push_back(ctl::revoke(ctl::REVOKE_ACK, gid));
+            false
+        });
+        if c.ctl_out.len() > before {
+            self.flush_ctl(st, k);
+        }
+    }
+
+    /// Fail the operation at the head of the queue with `e`. One partly posted already
+    /// (its grant revoked, expired or refused between its work requests) fails once
+    /// the work requests it has out complete, since until then the NIC may still
+    /// write into its memory; the queue moves on to the next operation at once.
+    fn fail_head(c: &mut RConn, shared: &ConnShared, e: Error) {
+        let r = c.queue.pop_front().expect("head");
+        let Some(op) = std::mem::take(&mut c.head).op else {
+            shared.finish(&r.done, Err(e));
+            return;
+        };
+        if let Some(f) = c.ops.get_mut(&u64::from(op))
+            && f.error.is_none()
+        {
+            f.error = Some(Box::new(e));
+        }
+        Self::try_finish(c, op);
+    }
+
     fn try_finish(c: &mut RConn, op: u32) {
         let head = c.head.op;
         let std::collections::hash_map::Entry::Occupied(e) = c.ops.entry(u64::from(op)) else {
@@ -2015,6 +2073,7 @@ impl RdmaEngine {
                 let c = st.conns.get_mut(&k).expect("conn");
                 c.ctl_out.push_back(ctl::key_ans(req, &ans));
                 self.flush_ctl(st, k);
+                ctl_backlog(&st.conns[&k])?;
             }
             ctl::KEY_ANS => {
                 let (req, ans) = ctl::parse_key_ans(m).ok_or("malformed key answer")?;
@@ -2033,20 +2092,19 @@ impl RdmaEngine {
                         while let Some(h) = c.queue.front() {
                             match h.kind.access() {
                                 Some((ht, _, len)) if (ht.region, ht.token) == kk => {
-                                    let r = c.queue.pop_front().expect("head");
                                     let e = match remote_error(
                                         code,
                                         why.clone(),
                                         ht.offset,
                                         len,
-                                        r.key_len,
+                                        h.key_len,
                                     ) {
                                         Error::UnknownRegion { .. } => {
                                             Error::UnknownRegion { region: ht.region }
                                         }
                                         e => e,
                                     };
-                                    shared.finish(&r.done, Err(e));
+                                    Self::fail_head(c, &shared, e);
                                 }
                                 _ => break,
                             }
@@ -2071,8 +2129,15 @@ impl RdmaEngine {
                 let gid = ctl::parse_revoke(m).ok_or("malformed revocation")?;
                 c.known.retain(|_, kn| kn.info.grant != gid);
                 c.last_known = None;
-                c.ctl_out.push_back(ctl::revoke(ctl::REVOKE_ACK, gid));
-                self.flush_ctl(st, k);
+                // Acknowledged once nothing this side posted under the grant is out: a
+                // read posted before the acknowledgement is not done when the target
+                // sees it (the target's NIC may still be reading the region for it,
+                // and would refuse once the registration is withdrawn).
+                if !c.revoke_acks_held.contains(&gid) {
+                    c.revoke_acks_held.push(gid);
+                }
+                self.release_revoke_acks(st, k);
+                ctl_backlog(&st.conns[&k])?;
             }
             ctl::REVOKE_ACK => {
                 let gid = ctl::parse_revoke(m).ok_or("malformed revocation answer")?;
@@ -2082,6 +2147,14 @@ impl RdmaEngine {
                 self.finish_revocations(st);
             }
             other => return Err(format!("unknown message type {other} from the peer")),
+        }
+        // A refused key fails its operations, which may free a held acknowledgement.
+        if st
+            .conns
+            .get(&k)
+            .is_some_and(|c| !c.revoke_acks_held.is_empty())
+        {
+            self.release_revoke_acks(st, k);
         }
         Ok(())
     }
@@ -2413,6 +2486,17 @@ fn read_atomic_slot(c: &RConn, slot: usize) -> u64 {
         c.peer_be_words,
         u64::from_ne_bytes(b.try_into().expect("8 bytes")),
     )
+}
+
+/// `Err` once the control records waiting for a send buffer pass `MAX_CTL_OUT`.
+fn ctl_backlog(c: &RConn) -> std::result::Result<(), String> {
+    if c.ctl_out.len() > MAX_CTL_OUT {
+        return Err(format!(
+            "the peer sent more than {MAX_CTL_OUT} key requests or revocations that wait \
+             for answers while it takes no SENDs"
+        ));
+    }
+    Ok(())
 }
 
 /// The verbs' compare and swap operands for the API's `expected` and `new`. The API's
