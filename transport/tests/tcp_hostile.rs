@@ -220,3 +220,32 @@ fn an_absurd_handshake_answer_is_refused_before_allocating() {
     assert!(t.elapsed() < Duration::from_secs(5));
     peer.join().unwrap();
 }
+
+#[test]
+fn a_handshake_answer_trickled_a_byte_at_a_time_ends_at_the_deadline() {
+    // A "server" sends a valid HELLO_ACK one byte every 500 ms: each read returns within
+    // the time left, but the whole answer takes many times the connect timeout.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        read_header(&mut s);
+        for b in hello_ack(9) {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let ep = Endpoint::bind(EndpointConfig::new().connect_timeout(Duration::from_secs(1))).unwrap();
+    let t = Instant::now();
+    let r = ep.connect(&format!("tcp://{a}"));
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "connect took {:?} against a 1 s connect timeout",
+        t.elapsed()
+    );
+    drop(ep);
+    peer.join().unwrap();
+}

@@ -559,29 +559,47 @@ struct HandshakeResult {
     max_payload: u32,
 }
 
+/// Fill `buf` from `s` by `deadline`. The time left is set again before every read: a
+/// peer that trickles its answer a byte at a time cannot stretch the handshake past the
+/// deadline (a read timeout alone bounds each read, not the whole).
 fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(Error::Timeout {
-            after: Duration::ZERO,
-        });
-    }
-    let _ = s.set_read_timeout(Some(left));
-    s.read_exact(buf).map_err(|e| match e.kind() {
-        // A peer that dies mid-handshake and one that is not a PacketFS endpoint look
-        // the same from here; neither sent anything invalid.
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            Error::ConnectionLost {
-                reason: "the peer closed the connection during the handshake (it stopped, \
-                         or it is not a PacketFS endpoint)"
-                    .into(),
-            }
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout {
+                after: Duration::ZERO,
+            });
         }
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout {
-            after: Duration::ZERO,
-        },
-        _ => Error::io("recv", e),
-    })
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut buf[got..]) {
+            // A peer that dies mid-handshake and one that is not a PacketFS endpoint
+            // look the same from here; neither sent anything invalid.
+            Ok(0) => return Err(handshake_closed()),
+            Ok(n) => got += n,
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                    return Err(handshake_closed());
+                }
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    return Err(Error::Timeout {
+                        after: Duration::ZERO,
+                    });
+                }
+                _ => return Err(Error::io("recv", e)),
+            },
+        }
+    }
+    Ok(())
+}
+
+fn handshake_closed() -> Error {
+    Error::ConnectionLost {
+        reason: "the peer closed the connection during the handshake (it stopped, or it is \
+                 not a PacketFS endpoint)"
+            .into(),
+    }
 }
 
 /// Client side of connection setup: HELLO out, HELLO_ACK (or ERROR) back; with a cluster
