@@ -395,10 +395,40 @@ pub(crate) struct Conn {
     /// Closed because the two ends could not agree on integrity or its keys.
     auth_failed: bool,
     pub(crate) stats: ProtoStats,
+    /// Tests: packets the SACK ranges of the ACKs so far made [`Conn::on_ack`] look at.
+    #[cfg(test)]
+    sack_steps: u64,
 }
 
 fn header_overhead() -> usize {
     packet::PREFIX_LEN + packet::MAX_ACK_LEN
+}
+
+/// Smallest `max_datagram` a connection works with: room for the datagram's headers,
+/// the integrity tag if it has one, and one wire message with a byte of payload.
+pub(crate) fn min_datagram(integrity: bool) -> usize {
+    let tag = if integrity { mac::TAG_LEN } else { 0 };
+    header_overhead() + tag + MAX_HEADER_LEN + 1
+}
+
+/// Why the parameters of an `INIT` (or `INIT_ACK`) cannot make a connection, if they
+/// cannot: a `max_datagram` that leaves no room for a message (and the integrity tag,
+/// when the sender asks for it).
+pub(crate) fn init_refusal(init: &Init) -> Option<String> {
+    let integrity = init.flags & packet::INIT_MAC != 0;
+    let min = min_datagram(integrity);
+    ((init.max_datagram as usize) < min).then(|| {
+        format!(
+            "the peer announced a max_datagram of {} bytes, less than the {min} bytes a \
+             datagram{} needs for its headers and one byte of a message",
+            init.max_datagram,
+            if integrity {
+                " with per-datagram integrity"
+            } else {
+                ""
+            }
+        )
+    })
 }
 
 /// Why a connection that asked for per-datagram integrity was refused.
@@ -481,6 +511,8 @@ impl Conn {
             keys: None,
             auth_failed: false,
             stats: ProtoStats::default(),
+            #[cfg(test)]
+            sack_steps: 0,
             cfg: Config { window, ..cfg },
         }
     }
@@ -489,11 +521,14 @@ impl Conn {
         self.remote_id = init.conn_id;
         self.rx = Some(RecvWindow::new(init.first_seq, self.cfg.window));
         self.peer_window = init.window.clamp(1, MAX_WINDOW);
+        // Peers announcing less are refused (`init_refusal`); the floor keeps
+        // `max_segment` at one byte or more whatever comes.
+        let integrity = init.flags & packet::INIT_MAC != 0 || self.mac_nonce.is_some();
         self.max_datagram = self
             .cfg
             .max_datagram
             .min(init.max_datagram as usize)
-            .max(header_overhead() + MAX_HEADER_LEN + 1);
+            .max(min_datagram(integrity));
     }
 
     /// Initiator: ask for per-datagram integrity, with our fresh `nonce`. Only before
@@ -549,7 +584,7 @@ impl Conn {
         } else {
             0
         };
-        self.max_datagram - header_overhead() - tag
+        self.max_datagram.saturating_sub(header_overhead() + tag)
     }
 
     /// Most bytes of wire messages the packets of the receive window can carry: what
@@ -562,7 +597,7 @@ impl Conn {
 
     /// Largest payload a single wire message can carry.
     pub(crate) fn max_segment(&self) -> usize {
-        self.max_message() - MAX_HEADER_LEN
+        self.max_message().saturating_sub(MAX_HEADER_LEN)
     }
 
     /// Whether the send queue has room (the layer above holds back otherwise).
@@ -668,6 +703,10 @@ impl Conn {
                     && self.state == State::Connecting
                     && let Some(init) = &p.init
                 {
+                    if let Some(why) = init_refusal(init) {
+                        self.fail(why);
+                        return;
+                    }
                     self.accept_params(init);
                     self.state = State::Established;
                     self.handshake_at = None;
@@ -851,20 +890,28 @@ impl Conn {
                 break;
             }
         }
-        let mut start = a.cumulative;
+        // The SACK ranges, as positions in `sent` (which holds `front..next_seq`, one
+        // packet each). Only those packets can be newly acknowledged, so each range is
+        // clamped to them first: an ACK costs at most one step per packet outstanding,
+        // whatever its ranges claim (16 ranges of 65,535 packets from a cumulative ACK far
+        // behind would otherwise be a million steps). `cumulative` is at most `next_seq`
+        // and less than 2^31 behind it (checked above), so its distance from `front` fits
+        // an i32.
+        let outstanding = self.sent.len() as i64;
+        let mut start = i64::from(a.cumulative.wrapping_sub(front) as i32);
         for r in &a.ranges {
-            start = start.wrapping_add(u32::from(r.gap));
-            for k in 0..u32::from(r.len) {
-                let seq = start.wrapping_add(k);
-                if !seq_lt(seq, self.next_seq) {
-                    break;
+            start += i64::from(r.gap);
+            let end = start + i64::from(r.len);
+            for idx in start.max(0)..end.min(outstanding) {
+                #[cfg(test)]
+                {
+                    self.sack_steps += 1;
                 }
-                let idx = seq.wrapping_sub(front) as usize;
-                if let Some(s) = self.sent.get_mut(idx) {
+                if let Some(s) = self.sent.get_mut(idx as usize) {
                     mark(s, &mut newly, &mut largest_new);
                 }
             }
-            start = start.wrapping_add(u32::from(r.len));
+            start = end;
         }
         if newly == 0 {
             return;

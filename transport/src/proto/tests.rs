@@ -634,3 +634,121 @@ fn an_init_ack_with_a_wrong_tag_fails_the_connection() {
     assert_eq!(net.a.state(), &State::Closed(INTEGRITY_MISMATCH.into()));
     assert_eq!(net.a.stats.integrity_failures, 1);
 }
+
+#[test]
+fn an_init_without_room_for_a_message_and_the_integrity_tag_is_refused() {
+    // The floor: prefix, the largest ACK block, the tag when asked for, one wire header
+    // and a byte of payload.
+    assert_eq!(min_datagram(false), 161);
+    assert_eq!(min_datagram(true), 177);
+    let now = SimLink::new(LinkConfig::default()).now();
+    for integrity in [false, true] {
+        for max_datagram in (0..=200).chain([u32::MAX]) {
+            let init = packet::Init {
+                conn_id: 6,
+                first_seq: 0,
+                max_datagram,
+                window: 64,
+                flags: if integrity { packet::INIT_MAC } else { 0 },
+            };
+            let floor = min_datagram(integrity) as u32;
+            let refusal = init_refusal(&init);
+            assert_eq!(refusal.is_some(), max_datagram < floor, "{max_datagram}");
+            if let Some(why) = refusal {
+                assert!(
+                    why.contains(&format!("max_datagram of {max_datagram} bytes"))
+                        && why.contains(&floor.to_string()),
+                    "{why}"
+                );
+            }
+            // Whatever an INIT says, the sizes derived from it stay sane.
+            let c = if integrity {
+                let mut c = Conn::server(integrity_cfg(), 5, 0, &init, now);
+                assert!(c.grant_integrity([1; mac::NONCE_LEN], [2; mac::NONCE_LEN]));
+                c
+            } else {
+                Conn::server(cfg(), 5, 0, &init, now)
+            };
+            let tag = if integrity { mac::TAG_LEN } else { 0 };
+            assert!(c.max_segment() >= 1, "{max_datagram}");
+            assert_eq!(
+                c.max_message() + header_overhead() + tag,
+                (max_datagram as usize).clamp(floor as usize, cfg().max_datagram)
+            );
+        }
+    }
+}
+
+#[test]
+fn an_init_ack_without_room_for_a_message_and_the_tag_fails_the_connection() {
+    // A target (holding the secret: its INIT_ACK verifies) that accepts datagrams too
+    // small for a message and the tag.
+    let mut net = Net::new(LinkConfig::default(), integrity_cfg(), 1, 2);
+    net.b_cfg.max_datagram = 170;
+    assert!(net.run_until(Duration::from_secs(1), |n| n.a.is_closed()));
+    match net.a.state() {
+        State::Closed(why) => assert!(
+            why.contains("max_datagram of 170 bytes") && why.contains("177"),
+            "{why}"
+        ),
+        s => panic!("{s:?}"),
+    }
+}
+
+/// An ACK datagram for `a` (connection id 11).
+fn ack_datagram(cumulative: u32, ranges: &[(u16, u16)]) -> Vec<u8> {
+    let mut d = Vec::new();
+    packet::put_prefix(&mut d, Kind::Ack, 11, 0, false);
+    packet::put_ack(
+        &mut d,
+        &packet::AckBlock {
+            cumulative,
+            window: 1024,
+            delay_us: 0,
+            ranges: ranges
+                .iter()
+                .map(|&(gap, len)| packet::SackRange { gap, len })
+                .collect(),
+        },
+    );
+    d
+}
+
+#[test]
+fn an_ack_costs_at_most_one_step_per_packet_outstanding() {
+    let mut net = Net::new(LinkConfig::default(), cfg(), 5, 7);
+    assert!(net.run_until(Duration::from_secs(5), |n| n.a.state()
+        == &State::Established));
+    net.queue_all(20, 1000);
+    let now = net.now();
+    let mut sent = 0;
+    while net.a.poll_transmit(now, &mut net.buf) {
+        sent += 1;
+    }
+    assert_eq!(sent, 20, "20 DATA packets, none delivered");
+    let first = net.a.next_seq().wrapping_sub(20);
+    let feed = |net: &mut Net, d: &[u8]| {
+        let before = net.a.sack_steps;
+        net.a
+            .handle(now, &Packet::decode(d).unwrap(), d, &mut net.a_sink);
+        net.a.sack_steps - before
+    };
+    // An honest SACK: packets 2, 3, 4 and 6 of the 20 arrived.
+    let steps = feed(&mut net, &ack_datagram(first, &[(2, 3), (1, 1)]));
+    assert_eq!(steps, 4);
+    let acked: Vec<usize> = (0..20).filter(|&i| net.a.sent[i].acked).collect();
+    assert_eq!(acked, [2, 3, 4, 6]);
+    // Ranges behind everything outstanding acknowledge nothing, at no cost.
+    let far = first.wrapping_sub(1_000_000);
+    let steps = feed(&mut net, &ack_datagram(far, &[(0, 1000), (500, 1000)]));
+    assert_eq!(steps, 0);
+    assert_eq!(net.a.sent.iter().filter(|s| s.acked).count(), 4);
+    // 16 ranges of 65,535 packets from a cumulative ACK a million packets behind: they
+    // cover the 20 outstanding, and cost a step for each of those, not a million.
+    let steps = feed(&mut net, &ack_datagram(far, &[(0, u16::MAX); 16]));
+    assert!(steps <= 20, "{steps} steps for 20 packets outstanding");
+    assert!(net.a.is_idle(), "every packet acknowledged");
+    assert_eq!(net.a.inflight, 0);
+    assert!(net.a.retx.is_empty());
+    assert!(!net.a.is_closed());
+}

@@ -668,6 +668,12 @@ impl World {
             self.reset(from, init.conn_id, ResetReason::Unsupported);
             return;
         }
+        if let Some(why) = proto::init_refusal(&init) {
+            tracing::debug!(%from, "refusing a {} connection: {why}", self.kind);
+            self.count(C::protocol_errors, 1);
+            self.reset(from, init.conn_id, ResetReason::Unsupported);
+            return;
+        }
         // One pass: connections open, those accepted from this address, and those of
         // them still in handshake.
         let (mut open, mut from_peer, mut handshaking) = (0, 0, 0);

@@ -2,6 +2,7 @@
 //! reliable, unordered message transport. Two-sided messages are numbered and handed to
 //! the application in order ([`MsgOrder`]).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -36,6 +37,8 @@ struct Pending {
     remote_off: u64,
     len: u64,
     key_len: u64,
+    /// A write whose segments are still being generated (its [`Stream`] is queued).
+    streaming: bool,
 }
 
 enum PKind {
@@ -69,12 +72,31 @@ enum Stream {
     },
 }
 
-/// Progress of an incoming multi-segment write.
+/// Progress of an incoming multi-segment write. Its first segment says what the write
+/// is (length, region, where it starts, notification); every segment must say the same.
 struct InWrite {
     got: u64,
     len: u64,
-    notify: Option<Notification>,
+    region: u64,
+    /// Target offset of the write's first byte (`None`: a segment's offset lies before
+    /// its position in the write, refused).
+    base: Option<u64>,
+    notify: Option<u32>,
     refused: bool,
+}
+
+impl InWrite {
+    fn describe(len: u64, region: u64, base: Option<u64>, notify: Option<u32>) -> String {
+        let at = base.map_or_else(
+            || "before offset 0".to_string(),
+            |b| format!("at offset {b}"),
+        );
+        let note = notify.map_or_else(
+            || "without notification".to_string(),
+            |i| format!("notifying {i}"),
+        );
+        format!("{len} bytes {at} of region {region}, {note}")
+    }
 }
 
 /// Reassembly of an incoming message.
@@ -149,6 +171,9 @@ pub(super) struct OpLayer {
     outbox: Vec<OutMsg>,
     writes_in: IdMap<InWrite>,
     sends_in: IdMap<InSend>,
+    /// Bytes the reassembly buffers of `sends_in` take (the lengths of the messages
+    /// begun and not refused).
+    sends_reserved: u64,
     order: MsgOrder,
     /// Pause the protocol's receiving (application queues full).
     want_pause: bool,
@@ -248,6 +273,7 @@ impl OpLayer {
             outbox: Vec::new(),
             writes_in: IdMap::default(),
             sends_in: IdMap::default(),
+            sends_reserved: 0,
             order: MsgOrder::default(),
             want_pause: false,
             violation: None,
@@ -418,6 +444,7 @@ impl OpLayer {
         self.pending.insert(
             op_id,
             Pending {
+                streaming: matches!(pk, PKind::Write),
                 done,
                 kind: pk,
                 remote_off,
@@ -432,6 +459,14 @@ impl OpLayer {
         let Some(p) = self.pending.remove(&op_id) else {
             return;
         };
+        if p.streaming && r.is_ok() {
+            // Acknowledged before every segment was sent (only a misbehaving target
+            // does that): send no more of it from the caller's memory. After an ERROR the
+            // rest still goes: the target tracks the write until all its bytes came, and
+            // forgets it only then.
+            self.streams
+                .retain(|s| !matches!(s, Stream::Write { op_id: id, .. } if *id == op_id));
+        }
         if let Some(s) = &self.shared {
             if r.is_ok() {
                 match p.kind {
@@ -587,8 +622,11 @@ impl OpLayer {
                     *off >= total
                 }
             };
-            if done {
-                self.streams.pop_front();
+            if done
+                && let Some(Stream::Write { op_id, .. }) = self.streams.pop_front()
+                && let Some(p) = self.pending.get_mut(&op_id)
+            {
+                p.streaming = false;
             }
         }
     }
@@ -619,6 +657,7 @@ pub(super) fn fail_conn(c: &mut DConn, reason: &str) {
     ops.outbox.clear();
     ops.writes_in.clear();
     ops.sends_in.clear();
+    ops.sends_reserved = 0;
     // Messages held back for an earlier one are never delivered: the application would
     // see a gap in the order. Messages already delivered stay readable.
     let held = std::mem::take(&mut ops.order.held);
@@ -727,6 +766,11 @@ impl Sink for OpSink<'_, '_> {
             return self.handshake(h, payload);
         };
         let o = &mut *self.ops;
+        if o.violation.is_some() {
+            // The connection closes after this packet: nothing more of it is taken.
+            shared.count(C::drops, 1);
+            return;
+        }
         let core = self.ctx.core;
         let op_id = h.op_id;
         match h.body {
@@ -742,12 +786,37 @@ impl Sink for OpSink<'_, '_> {
                 let e = o.writes_in.entry(op_id).or_insert_with(|| InWrite {
                     got: 0,
                     len: op_len,
-                    notify: None,
+                    region: target.region,
+                    base,
+                    notify,
                     refused: false,
                 });
+                if (e.len, e.region, e.base, e.notify) != (op_len, target.region, base, notify) {
+                    // Each segment is authorized on its own, and the notification names
+                    // the write the first segment described: segments that describe
+                    // another one would complete a write whose notification names bytes
+                    // never written. The peer is cut off, never followed.
+                    shared.count(C::drops, 1);
+                    shared.count(C::protocol_errors, 1);
+                    shared.count(C::errors, 1);
+                    o.violation = Some(format!(
+                        "inconsistent WRITE segments: operation {op_id} began as {}, then a \
+                         segment described {}",
+                        InWrite::describe(e.len, e.region, e.base, e.notify),
+                        InWrite::describe(op_len, target.region, base, notify)
+                    ));
+                    return;
+                }
                 let mut refusal = None;
-                if e.len != op_len || base.is_none() {
-                    refusal = Some((ErrorCode::Protocol, "inconsistent WRITE segments".into()));
+                if base.is_none() {
+                    refusal = Some((
+                        ErrorCode::Protocol,
+                        format!(
+                            "inconsistent WRITE segment: bytes from {op_off} of the write \
+                             at offset {}",
+                            target.offset
+                        ),
+                    ));
                 } else if op_len > core.config.max_op_size {
                     refusal = Some((
                         ErrorCode::TooLarge,
@@ -773,23 +842,18 @@ impl Sink for OpSink<'_, '_> {
                     shared.count(C::remote_ops_refused, 1);
                     o.outbox.push(error_msg(op_id, code, &why));
                 }
-                if e.notify.is_none()
-                    && let (Some(imm), Some(base)) = (notify, base)
-                {
-                    e.notify = Some(Notification {
-                        region: target.region,
-                        offset: base,
-                        len: op_len,
-                        imm,
-                    });
-                }
                 e.got = e.got.saturating_add(plen);
                 if e.got >= e.len {
                     let e = o.writes_in.remove(&op_id).expect("entry exists");
                     if !e.refused {
                         shared.count(C::remote_ops_served, 1);
-                        if let Some(n) = e.notify {
-                            let _ = shared.notes.push(n);
+                        if let (Some(imm), Some(offset)) = (e.notify, e.base) {
+                            let _ = shared.notes.push(Notification {
+                                region: e.region,
+                                offset,
+                                len: e.len,
+                                imm,
+                            });
                             shared.count(C::notifications, 1);
                         }
                         o.outbox.push(small(op_id, Body::Ack));
@@ -868,7 +932,10 @@ impl Sink for OpSink<'_, '_> {
                 if o.order.numbered {
                     return o.refuse_message(&shared, op_id, "a SEND without its number");
                 }
-                o.message_segment(&shared, core, op_id, None, msg_len, msg_off, payload);
+                let window = self.ctx.window_bytes;
+                o.message_segment(
+                    &shared, core, window, op_id, None, msg_len, msg_off, payload,
+                );
             }
             Body::SendSeq {
                 seq,
@@ -890,10 +957,11 @@ impl Sink for OpSink<'_, '_> {
                     return;
                 }
                 let (len, off) = (u64::from(msg_len), u64::from(msg_off));
+                let window = self.ctx.window_bytes;
                 if let Some(done) =
-                    o.message_segment(&shared, core, op_id, Some(seq), len, off, payload)
+                    o.message_segment(&shared, core, window, op_id, Some(seq), len, off, payload)
                 {
-                    o.in_order(&shared, seq, done, self.ctx.window_bytes);
+                    o.in_order(&shared, seq, done, window);
                 }
             }
             Body::Ack => match o.pending.get(&op_id).map(|p| &p.kind) {
@@ -925,11 +993,13 @@ impl Sink for OpSink<'_, '_> {
 impl OpLayer {
     /// Take one segment of an incoming message. Returns the message once complete if it
     /// is numbered (`None` inside: refused); an unnumbered one is delivered at once.
+    /// `window_bytes`: what the receive window carries ([`Ctx::window_bytes`]).
     #[allow(clippy::too_many_arguments)]
     fn message_segment(
         &mut self,
         shared: &ConnShared,
         core: &Core,
+        window_bytes: usize,
         op_id: u64,
         seq: Option<u32>,
         msg_len: u64,
@@ -937,13 +1007,41 @@ impl OpLayer {
         payload: &[u8],
     ) -> Option<HeldMsg> {
         let max = core.config.max_message_size as u64;
-        let e = self.sends_in.entry(op_id).or_insert_with(|| InSend {
-            buf: Vec::new(),
-            len: msg_len,
-            got: 0,
-            refused: msg_len > max,
-            seq,
-        });
+        let e = match self.sends_in.entry(op_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let refused = msg_len > max;
+                if !refused {
+                    // The first segment sizes the message's buffer. An honest sender
+                    // segments its messages in order, and what it has in flight fits the
+                    // receive window, so the messages begun and unfinished at once span
+                    // at most the window plus one message at either end of it.
+                    let limit = (window_bytes as u64).saturating_add(2 * max);
+                    let reserved = self.sends_reserved.saturating_add(msg_len);
+                    if reserved > limit {
+                        shared.count(C::drops, 1);
+                        shared.count(C::protocol_errors, 1);
+                        shared.count(C::errors, 1);
+                        self.violation = Some(format!(
+                            "the peer began messages it has not finished that would take \
+                             {reserved} bytes to reassemble (message {op_id} of {msg_len} \
+                             bytes the latest), more than its receive window ({window_bytes} \
+                             bytes) and two messages of the largest size ({max} bytes each) \
+                             can hold"
+                        ));
+                        return None;
+                    }
+                    self.sends_reserved = reserved;
+                }
+                v.insert(InSend {
+                    buf: Vec::new(),
+                    len: msg_len,
+                    got: 0,
+                    refused,
+                    seq,
+                })
+            }
+        };
         if e.seq != seq {
             shared.count(C::drops, 1);
             shared.count(C::protocol_errors, 1);
@@ -980,6 +1078,9 @@ impl OpLayer {
             return None;
         }
         let e = self.sends_in.remove(&op_id).expect("entry exists");
+        if !e.refused {
+            self.sends_reserved -= e.len;
+        }
         let done = HeldMsg {
             op_id,
             msg: (!e.refused).then_some(e.buf),

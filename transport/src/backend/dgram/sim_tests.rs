@@ -426,6 +426,15 @@ fn messages_stay_in_order_while_a_slow_receiver_holds_the_sender_back() {
 fn client_messages(
     from: SocketAddr,
     d: &mut [u8],
+    f: impl FnMut(&crate::wire::Header, usize, &mut [u8]) -> bool,
+) -> bool {
+    from == sa(CLIENT) && data_messages(d, f)
+}
+
+/// Calls `f` with every wire message of a DATA datagram without integrity (header and
+/// the message's offset in the datagram); true if any call does.
+fn data_messages(
+    d: &mut [u8],
     mut f: impl FnMut(&crate::wire::Header, usize, &mut [u8]) -> bool,
 ) -> bool {
     use crate::proto::packet::{Kind, Packet};
@@ -433,7 +442,7 @@ fn client_messages(
     let Ok(p) = Packet::decode(d) else {
         return false;
     };
-    if from != sa(CLIENT) || p.kind != Kind::Data || p.mac {
+    if p.kind != Kind::Data || p.mac {
         return false;
     }
     let (mut at, mut any) = (p.body_at, false);
@@ -680,4 +689,253 @@ fn a_peer_that_changes_a_messages_length_midway_is_cut_off() {
     let s = peer.stats();
     assert_eq!(s.messages_received, 0, "{s:?}");
     assert!(s.protocol_errors >= 1, "{s:?}");
+}
+
+#[test]
+fn a_peer_that_begins_messages_it_never_finishes_is_cut_off() {
+    use crate::wire::Body;
+    // An on-path attacker (no integrity) rewrites the length every message from the
+    // client announces to 64 KiB, the receiver's limit: each message (1,000 bytes, one
+    // segment) makes the receiver set 64 KiB aside for the rest, which never comes. Past
+    // what the receive window and two messages can leave unfinished, the peer is cut
+    // off, long before its sends time out.
+    const MAX: u32 = 64 << 10;
+    let w = World::new(LinkConfig::default(), || {
+        cfg(1500)().max_message_size(MAX as usize)
+    });
+    let (conn, peer) = w.connect();
+    w.net.with_link(|l| {
+        l.tamper(Box::new(|from, _, d| {
+            client_messages(from, d, |h, at, d| {
+                if let Body::SendSeq { .. } = h.body {
+                    let field = at + crate::wire::PREFIX_LEN + 4;
+                    d[field..field + 4].copy_from_slice(&MAX.to_le_bytes());
+                }
+                false
+            });
+            false
+        }))
+    });
+    let ops: Vec<Op<()>> = (0..200)
+        .map(|i| conn.send(&pattern(i, 1000)).unwrap())
+        .collect();
+    w.until(Duration::from_secs(1), || peer.is_closed().then_some(()));
+    for op in ops {
+        assert!(
+            w.wait(op).is_err(),
+            "an unfinished message was acknowledged"
+        );
+    }
+    let s = peer.stats();
+    assert_eq!(s.messages_received, 0, "{s:?}");
+    assert!(s.protocol_errors >= 1, "{s:?}");
+    let why = peer.send(b"x").unwrap_err().to_string();
+    assert!(
+        why.contains("receive window") && why.contains("65536 bytes each"),
+        "{why}"
+    );
+}
+
+#[test]
+fn messages_of_the_largest_size_in_flight_are_not_taken_for_unfinished_ones() {
+    // The bound on unfinished messages (the receive window plus two messages) does not
+    // cut off an honest sender: 128 messages of the largest size, sent at once, through
+    // loss, duplication and reordering.
+    let link = LinkConfig {
+        seed: 12,
+        loss: 0.05,
+        duplicate: 0.02,
+        reorder: 0.10,
+        reorder_by: Duration::from_micros(200),
+        jitter: Duration::from_micros(20),
+        ..LinkConfig::default()
+    };
+    let len = 64usize << 10;
+    let w = World::new(link, move || cfg(1500)().max_message_size(len));
+    let (conn, peer) = w.connect();
+    let ops: Vec<Op<()>> = (0..128)
+        .map(|i| conn.send(&pattern(i, len)).unwrap())
+        .collect();
+    for op in ops {
+        w.wait(op).unwrap();
+    }
+    for i in 0..128 {
+        let m = peer.try_recv().unwrap().expect("every message came");
+        assert!(m == pattern(i, len), "message {i}");
+    }
+    let s = peer.stats();
+    assert_eq!(s.protocol_errors, 0, "{s:?}");
+    assert!(!peer.is_closed());
+}
+
+#[test]
+fn an_init_without_room_for_the_integrity_tag_is_refused() {
+    use crate::proto::packet::{Kind, Packet};
+    // An INIT asking for integrity whose max_datagram leaves no room for a message and
+    // the tag (177 bytes at least): an on-path rewrite of the initiator's (an INIT
+    // carries no tag). The target refuses it (RESET unsupported) instead of deriving
+    // segment sizes from it.
+    for max_datagram in [0u32, 100, 160, 176] {
+        let w = World::new(LinkConfig::default(), || {
+            cfg(1500)()
+                .secret(crate::Secret::from_bytes(b"a cluster secret of the tests").unwrap())
+                .datagram_integrity(true)
+        });
+        w.net.with_link(|l| {
+            l.tamper(Box::new(move |from, _, d| {
+                if from == sa(CLIENT) && Packet::decode(d).is_ok_and(|p| p.kind == Kind::Init) {
+                    // After the prefix: conn_id, first_seq, then max_datagram.
+                    d[20..24].copy_from_slice(&max_datagram.to_le_bytes());
+                }
+                false
+            }))
+        });
+        let r = w
+            .client
+            .connect_sim(&format!("udp://{SERVER}"), || w.step());
+        assert!(r.is_err(), "{max_datagram}: connected");
+        let s = w.server.stats();
+        assert!(s.protocol_errors >= 1, "{max_datagram}: {s:?}");
+        assert_eq!(w.server.connection_count(), 0, "{max_datagram}");
+    }
+}
+
+/// How the tamper of [`inconsistent_write_segments`] changes every segment of a write
+/// but the first.
+#[derive(Debug, Clone, Copy)]
+enum Disagree {
+    /// Another region (with that region's token: every segment is authorized).
+    Region,
+    /// Another start of the write (its offset moved, its position in the write not).
+    Base,
+    /// Another notification value.
+    Notify,
+}
+
+fn inconsistent_write_segments(how: Disagree) {
+    use crate::wire::Body;
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (conn, peer) = w.connect();
+    let a = w.server.alloc_region(64 << 10, Rights::ALL).unwrap();
+    let b = w.server.alloc_region(64 << 10, Rights::ALL).unwrap();
+    let ka = a.key(Rights::ALL).unwrap();
+    let kb = b.key(Rights::ALL).unwrap();
+    let src = w.client.alloc_region(4000, Rights::ALL).unwrap();
+    src.write_at(0, &pattern(1, 4000)).unwrap();
+    let (region, token) = (kb.region, kb.token);
+    w.net.with_link(|l| {
+        l.tamper(Box::new(move |from, _, d| {
+            client_messages(from, d, |h, at, d| {
+                if let Body::Write { op_off, .. } = h.body
+                    && op_off > 0
+                {
+                    // The WRITE body: region, offset, token, op_len, op_off, notify.
+                    let body = at + crate::wire::PREFIX_LEN;
+                    match how {
+                        Disagree::Region => {
+                            d[body..body + 8].copy_from_slice(&region.to_le_bytes());
+                            d[body + 16..body + 32].copy_from_slice(&token);
+                        }
+                        Disagree::Base => {
+                            let f = body + 8..body + 16;
+                            let off = u64::from_le_bytes(d[f.clone()].try_into().unwrap());
+                            d[f].copy_from_slice(&(off + 10_000).to_le_bytes());
+                        }
+                        Disagree::Notify => {
+                            d[body + 48..body + 52].copy_from_slice(&8u32.to_le_bytes());
+                        }
+                    }
+                }
+                false
+            });
+            false
+        }))
+    });
+    let op = conn.write_with_notify(&src, 0, &ka, 0, 4000, 7).unwrap();
+    w.until(Duration::from_secs(1), || peer.is_closed().then_some(()));
+    assert!(w.wait(op).is_err(), "{how:?}: the write completed");
+    assert!(
+        !matches!(peer.try_notification(), Ok(Some(_))),
+        "{how:?}: a notification came"
+    );
+    let s = peer.stats();
+    assert!(s.protocol_errors >= 1, "{how:?}: {s:?}");
+    let why = peer.send(b"x").unwrap_err().to_string();
+    assert!(
+        why.contains("inconsistent WRITE segments"),
+        "{how:?}: {why}"
+    );
+}
+
+#[test]
+fn write_segments_that_disagree_on_the_region_are_cut_off() {
+    inconsistent_write_segments(Disagree::Region);
+}
+
+#[test]
+fn write_segments_that_disagree_on_where_the_write_starts_are_cut_off() {
+    inconsistent_write_segments(Disagree::Base);
+}
+
+#[test]
+fn write_segments_that_disagree_on_the_notification_are_cut_off() {
+    inconsistent_write_segments(Disagree::Notify);
+}
+
+#[test]
+fn a_write_acknowledged_early_sends_no_more_of_the_callers_memory() {
+    use crate::wire::Body;
+    use std::sync::{Arc, Mutex};
+    // A misbehaving target acknowledges a 4 MiB write after its first segments (an
+    // on-path rewrite renumbers the ACK of a small write to it). The write completes,
+    // and the rest of it is not sent: its source region is the caller's again.
+    let w = World::new(LinkConfig::default(), cfg(1500));
+    let (conn, _peer) = w.connect();
+    let len = 4u64 << 20;
+    let target = w.server.alloc_region(len as usize, Rights::ALL).unwrap();
+    let key = target.key(Rights::ALL).unwrap();
+    let src = w.client.alloc_region(len as usize, Rights::ALL).unwrap();
+    // The small write's op id, the large one's, and the offsets of the large one's
+    // segments sent.
+    type Seen = (Option<u64>, Option<u64>, std::collections::BTreeSet<u64>);
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s2 = seen.clone();
+    w.net.with_link(|l| {
+        l.tamper(Box::new(move |from, _, d| {
+            let mut s = s2.lock().unwrap();
+            data_messages(d, |h, at, d| {
+                match h.body {
+                    Body::Write { op_len, op_off, .. } if from == sa(CLIENT) => {
+                        if op_len == len {
+                            s.1 = Some(h.op_id);
+                            s.2.insert(op_off);
+                        } else {
+                            s.0 = Some(h.op_id);
+                        }
+                    }
+                    Body::Ack if from == sa(SERVER) && Some(h.op_id) == s.0 => {
+                        if let Some(big) = s.1 {
+                            d[at + 8..at + 16].copy_from_slice(&big.to_le_bytes());
+                        }
+                    }
+                    _ => {}
+                }
+                false
+            });
+            false
+        }))
+    });
+    let _small = conn.write(&src, 0, &key, 0, 100).unwrap();
+    let big = conn.write(&src, 0, &key, 0, len).unwrap();
+    w.wait(big).unwrap();
+    let t0 = w.net.elapsed();
+    w.until(Duration::from_secs(1), || {
+        (w.net.elapsed() - t0 >= Duration::from_millis(100)).then_some(())
+    });
+    let sent = seen.lock().unwrap().2.len() as u64;
+    let segments = len.div_ceil(1472 - 88 - crate::wire::MAX_HEADER_LEN as u64);
+    assert!(
+        sent < segments / 4,
+        "{sent} of the {segments} segments sent, most after the write completed"
+    );
 }
