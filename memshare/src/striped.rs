@@ -21,6 +21,33 @@ pub struct StripedArray {
     stripes: Vec<SharedBuffer>,
 }
 
+/// What is wrong with a striped array's layout as a directory entry describes it
+/// (`None`: nothing): stripes a positive multiple of 8 bytes long, at least one, that
+/// together cover the array's length.
+fn layout_problem(s: &StripeInfo) -> Option<String> {
+    if s.stripe_len == 0 || !s.stripe_len.is_multiple_of(8) {
+        return Some(format!(
+            "a stripe length of {} bytes (a positive multiple of 8 is made)",
+            s.stripe_len
+        ));
+    }
+    if s.count == 0 || s.total_len == 0 {
+        return Some(format!(
+            "{} stripes for {} bytes (an array has bytes and stripes)",
+            s.count, s.total_len
+        ));
+    }
+    // Stripes past the array's end (a short array over many nodes) hold nothing.
+    let covered = u64::from(s.count).checked_mul(s.stripe_len);
+    if covered.is_none_or(|c| c < s.total_len) {
+        return Some(format!(
+            "{} stripes of {} bytes for an array of {} bytes (they must cover it)",
+            s.count, s.stripe_len, s.total_len
+        ));
+    }
+    None
+}
+
 impl StripedArray {
     /// Refuse an empty array, no nodes, and a name holding the stripe separator.
     fn validate(name: &str, len: u64, nodes: usize) -> Result<()> {
@@ -127,17 +154,41 @@ impl StripedArray {
                 .cloned()
                 .collect()
         };
-        let Some(first) = entries.first().and_then(|e| e.stripe.clone()) else {
+        let Some((first, owner)) = entries
+            .first()
+            .and_then(|e| e.stripe.clone().map(|s| (s, e.owner)))
+        else {
             return Err(Error::NotFound {
                 name: name.to_string(),
                 known: node.names().len(),
             });
         };
+        // The layout comes from the directory, which peers fill: check it before it
+        // sizes anything or indexes the stripes.
+        layout_problem(&first).map_or(Ok(()), |why| {
+            Err(Error::Remote {
+                node: owner,
+                what: format!("the layout of striped array {name:?}"),
+                message: why,
+            })
+        })?;
+        if first.count as usize > entries.len() {
+            return Err(Error::NotFound {
+                name: format!(
+                    "{name} ({} of its {} stripes known here)",
+                    entries.len(),
+                    first.count
+                ),
+                known: node.names().len(),
+            });
+        }
         let mut slots: Vec<Option<DirEntry>> = vec![None; first.count as usize];
         for e in entries {
             let s = e.stripe.as_ref().expect("filtered");
             if s.count == first.count
                 && s.total_len == first.total_len
+                && s.stripe_len == first.stripe_len
+                && e.size >= first.stripe_len
                 && let Some(slot) = slots.get_mut(s.index as usize)
             {
                 *slot = Some(e);
@@ -310,5 +361,74 @@ impl StripedArray {
             acc = fold(acc, r?);
         }
         Ok(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeConfig;
+
+    fn info(count: u32, total_len: u64, stripe_len: u64) -> StripeInfo {
+        StripeInfo {
+            array: "arr".into(),
+            index: 0,
+            count,
+            total_len,
+            stripe_len,
+        }
+    }
+
+    #[test]
+    fn layouts_that_would_index_or_size_wrongly_are_refused() {
+        // What `create` makes: 10,001 u64s over 3 nodes; 10 bytes over 4 (stripes past
+        // the end hold nothing).
+        assert_eq!(layout_problem(&info(3, 80_008, 26_672)), None);
+        assert_eq!(layout_problem(&info(4, 10, 8)), None);
+        for bad in [
+            info(1, 8, 0),
+            info(1, 8, 12),
+            info(0, 8, 8),
+            info(1, 0, 8),
+            info(2, 1 << 20, 8),
+            info(u32::MAX, u64::MAX, u64::MAX - 7),
+        ] {
+            assert!(layout_problem(&bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_forged_directory_entry_fails_open_striped_and_panics_nothing() {
+        // Directory entries come from peers. One that re-announces a stripe with a
+        // newer time and another layout must not size or index anything by it.
+        let node = Node::start(NodeConfig::new("tcp://127.0.0.1:0")).unwrap();
+        let arr = node.create_striped("arr", 8192, 1).unwrap();
+        assert_eq!(arr.stripes().len(), 1);
+        let real = {
+            let st = node.inner.lock_state();
+            st.dir
+                .values()
+                .find(|e| e.stripe.is_some())
+                .cloned()
+                .expect("the stripe's entry")
+        };
+        let forgeries = [
+            (1, 1 << 20, 8192),  // longer than its stripes cover
+            (1, 8192, 0),        // no stripe length
+            (u32::MAX, 8192, 8), // four billion stripes
+        ];
+        for (i, (count, total_len, stripe_len)) in forgeries.into_iter().enumerate() {
+            let mut e = real.clone();
+            e.created_ms += 1 + i as u64;
+            let s = e.stripe.as_mut().expect("stripe");
+            (s.count, s.total_len, s.stripe_len) = (count, total_len, stripe_len);
+            node.inner.lock_state().merge(e);
+            let r = node.open_striped("arr");
+            assert!(
+                r.is_err(),
+                "forged layout {count} × {stripe_len} for {total_len} bytes opened"
+            );
+        }
+        node.shutdown();
     }
 }

@@ -27,6 +27,19 @@ use crate::xdp::{SINGLE_BUFFER_MTU, steer};
 const RX_BATCH: usize = 64;
 /// How often an unresolved neighbour is asked for again.
 const RESOLVE_EVERY: Duration = Duration::from_millis(20);
+/// Source addresses whose MAC the driver learns from the frames they send. Frames come
+/// before any authentication, so a sender that varies its source address would
+/// otherwise grow the table without bound; past this, replies to new addresses find
+/// their MAC through the kernel's neighbour table as outgoing traffic does.
+const MAX_LEARNED_MACS: usize = 4096;
+
+/// Remember that frames from `ip` came from `mac` (the first MAC seen stays), while
+/// the table has room.
+fn learn_mac(macs: &mut HashMap<Ipv4Addr, [u8; 6]>, ip: Ipv4Addr, mac: [u8; 6]) {
+    if macs.len() < MAX_LEARNED_MACS || macs.contains_key(&ip) {
+        macs.entry(ip).or_insert(mac);
+    }
+}
 
 /// What a driver counted that the protocol never saw.
 #[derive(Debug, Default, Clone, Copy)]
@@ -283,7 +296,7 @@ impl Driver for XdpDriver {
             n += s.recv(RX_BATCH, &mut |bytes| match frame::parse(bytes) {
                 Ok(r) if r.dst.port() == local.port() && r.dst.ip() == local.ip() => {
                     // Replies go back the way requests came.
-                    macs.entry(*r.src.ip()).or_insert(r.src_mac);
+                    learn_mac(macs, *r.src.ip(), r.src_mac);
                     f(SocketAddr::V4(r.src), r.payload);
                 }
                 Ok(_) => drops.rejected += 1,
@@ -345,5 +358,27 @@ impl Driver for XdpDriver {
             },
             self.max_datagram
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learned_mac_table_stops_growing_at_its_limit() {
+        let mut macs = HashMap::new();
+        for i in 0..(MAX_LEARNED_MACS as u32 + 1000) {
+            learn_mac(
+                &mut macs,
+                Ipv4Addr::from(0x0A00_0000 + i),
+                [2, 0, 0, 0, 0, 1],
+            );
+        }
+        assert_eq!(macs.len(), MAX_LEARNED_MACS);
+        // An address already known keeps its first MAC, full table or not.
+        let first = Ipv4Addr::from(0x0A00_0000);
+        learn_mac(&mut macs, first, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(macs[&first], [2, 0, 0, 0, 0, 1]);
     }
 }
