@@ -453,6 +453,35 @@ fn data_messages(
     any
 }
 
+/// An on-path rewrite (no integrity) of the client's `SEND_SEQ` segments: `f(seq,
+/// msg_len, msg_off)` gives the values each segment goes on with.
+fn rewrite_client_send_seqs(
+    w: &World,
+    f: impl Fn(u32, u32, u32) -> (u32, u32, u32) + Send + 'static,
+) {
+    use crate::wire::Body;
+    w.net.with_link(|l| {
+        l.tamper(Box::new(move |from, _, d| {
+            client_messages(from, d, |h, at, d| {
+                if let Body::SendSeq {
+                    seq,
+                    msg_len,
+                    msg_off,
+                } = h.body
+                {
+                    let (seq, msg_len, msg_off) = f(seq, msg_len, msg_off);
+                    let body = at + crate::wire::PREFIX_LEN;
+                    for (i, v) in [seq, msg_len, msg_off].into_iter().enumerate() {
+                        d[body + 4 * i..body + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                false
+            });
+            false
+        }))
+    });
+}
+
 /// Drops the client's datagrams that carry part of message number `seq`.
 fn drop_message(seq: u32) -> crate::frames::sim::Tamper {
     use crate::wire::Body;
@@ -618,7 +647,6 @@ fn messages_that_overtake_the_hello_ack_are_not_lost() {
 
 #[test]
 fn a_peer_that_numbers_messages_it_never_sends_is_cut_off() {
-    use crate::wire::Body;
     // An on-path attacker (no integrity) adds 1 to every message number from the
     // client: message 0 never comes, and everything the client sends is held for it.
     // With limits too large to stop it, the receive window bound does.
@@ -629,18 +657,7 @@ fn a_peer_that_numbers_messages_it_never_sends_is_cut_off() {
         c
     });
     let (conn, peer) = w.connect();
-    w.net.with_link(|l| {
-        l.tamper(Box::new(|from, _, d| {
-            client_messages(from, d, |h, at, d| {
-                if let Body::SendSeq { seq, .. } = h.body {
-                    let field = at + crate::wire::PREFIX_LEN;
-                    d[field..field + 4].copy_from_slice(&seq.wrapping_add(1).to_le_bytes());
-                }
-                false
-            });
-            false
-        }))
-    });
+    rewrite_client_send_seqs(&w, |seq, len, off| (seq.wrapping_add(1), len, off));
     let ops: Vec<Op<()>> = (0..3000)
         .map(|i| conn.send(&pattern(i, 1000)).unwrap())
         .collect();
@@ -662,26 +679,14 @@ fn a_peer_that_numbers_messages_it_never_sends_is_cut_off() {
 
 #[test]
 fn a_peer_that_changes_a_messages_length_midway_is_cut_off() {
-    use crate::wire::Body;
     // An on-path attacker (no integrity) rewrites the length that every segment of
     // message 0 but the first announces, to 1 GiB: the receiver, which sized the
     // message's buffer (and checked the limit) by the first segment, must neither
     // follow it nor wait for bytes that never come.
     let w = World::new(LinkConfig::default(), cfg(1500));
     let (conn, peer) = w.connect();
-    w.net.with_link(|l| {
-        l.tamper(Box::new(|from, _, d| {
-            client_messages(from, d, |h, at, d| {
-                if let Body::SendSeq { msg_off, .. } = h.body
-                    && msg_off > 0
-                {
-                    let field = at + crate::wire::PREFIX_LEN + 4;
-                    d[field..field + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
-                }
-                false
-            });
-            false
-        }))
+    rewrite_client_send_seqs(&w, |seq, len, off| {
+        (seq, if off > 0 { 1 << 30 } else { len }, off)
     });
     let op = conn.send(&pattern(0, 5000)).unwrap();
     w.until(Duration::from_secs(10), || peer.is_closed().then_some(()));
@@ -693,7 +698,6 @@ fn a_peer_that_changes_a_messages_length_midway_is_cut_off() {
 
 #[test]
 fn a_peer_that_begins_messages_it_never_finishes_is_cut_off() {
-    use crate::wire::Body;
     // An on-path attacker (no integrity) rewrites the length every message from the
     // client announces to 64 KiB, the receiver's limit: each message (1,000 bytes, one
     // segment) makes the receiver set 64 KiB aside for the rest, which never comes. Past
@@ -704,18 +708,7 @@ fn a_peer_that_begins_messages_it_never_finishes_is_cut_off() {
         cfg(1500)().max_message_size(MAX as usize)
     });
     let (conn, peer) = w.connect();
-    w.net.with_link(|l| {
-        l.tamper(Box::new(|from, _, d| {
-            client_messages(from, d, |h, at, d| {
-                if let Body::SendSeq { .. } = h.body {
-                    let field = at + crate::wire::PREFIX_LEN + 4;
-                    d[field..field + 4].copy_from_slice(&MAX.to_le_bytes());
-                }
-                false
-            });
-            false
-        }))
-    });
+    rewrite_client_send_seqs(&w, |seq, _, off| (seq, MAX, off));
     let ops: Vec<Op<()>> = (0..200)
         .map(|i| conn.send(&pattern(i, 1000)).unwrap())
         .collect();

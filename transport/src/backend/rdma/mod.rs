@@ -1544,8 +1544,8 @@ impl RdmaEngine {
                 expected,
                 new,
             } => {
-                let (e, n) = cas_operands(c.peer_be_words, expected, new);
-                (target, verbs::OP_CAS, e, n)
+                let w = |v| peer_word(c.peer_be_words, v);
+                (target, verbs::OP_CAS, w(expected), w(new))
             }
             OpKind::Faa { target, add } => (target, verbs::OP_FAA, add, 0),
             _ => unreachable!("issue_atomic on an atomic"),
@@ -2073,7 +2073,6 @@ impl RdmaEngine {
                 let c = st.conns.get_mut(&k).expect("conn");
                 c.ctl_out.push_back(ctl::key_ans(req, &ans));
                 self.flush_ctl(st, k);
-                ctl_backlog(&st.conns[&k])?;
             }
             ctl::KEY_ANS => {
                 let (req, ans) = ctl::parse_key_ans(m).ok_or("malformed key answer")?;
@@ -2133,11 +2132,10 @@ impl RdmaEngine {
                 // read posted before the acknowledgement is not done when the target
                 // sees it (the target's NIC may still be reading the region for it,
                 // and would refuse once the registration is withdrawn).
+                // (Sent below, with any freed by a refused key.)
                 if !c.revoke_acks_held.contains(&gid) {
                     c.revoke_acks_held.push(gid);
                 }
-                self.release_revoke_acks(st, k);
-                ctl_backlog(&st.conns[&k])?;
             }
             ctl::REVOKE_ACK => {
                 let gid = ctl::parse_revoke(m).ok_or("malformed revocation answer")?;
@@ -2148,7 +2146,8 @@ impl RdmaEngine {
             }
             other => return Err(format!("unknown message type {other} from the peer")),
         }
-        // A refused key fails its operations, which may free a held acknowledgement.
+        // A REVOKE holds an acknowledgement, and a refused key fails operations, which
+        // may free one.
         if st
             .conns
             .get(&k)
@@ -2156,7 +2155,7 @@ impl RdmaEngine {
         {
             self.release_revoke_acks(st, k);
         }
-        Ok(())
+        st.conns.get(&k).map_or(Ok(()), ctl_backlog)
     }
 
     // ------------------------------------------------------------------ grants
@@ -2481,8 +2480,8 @@ fn read_recv_slot(c: &RConn, slot: usize, len: usize) -> Vec<u8> {
 fn read_atomic_slot(c: &RConn, slot: usize) -> u64 {
     let mr = c.atomic_mr.as_ref().expect("atomic buffers");
     let b = mr.read_at(mr.addr() + (slot * 8) as u64, 8);
-    // The device writes the old value as a host-order integer (see `cas_operands`).
-    api_word(
+    // The device writes the old value as a host-order integer (see `peer_word`).
+    peer_word(
         c.peer_be_words,
         u64::from_ne_bytes(b.try_into().expect("8 bytes")),
     )
@@ -2499,18 +2498,15 @@ fn ctl_backlog(c: &RConn) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The verbs' compare and swap operands for the API's `expected` and `new`. The API's
-/// values are host-order integers of little-endian memory words; verbs atomics work on
-/// words in the byte order of the responder's host (docs/rdma.md, "Atomics"). On a
-/// peer that works on big-endian words the operands are the byte-swapped values:
-/// comparing or storing 8 bytes is the same in either order, so the swapped operation
-/// is exact. (A fetch-and-add is not: its carries run the other way.)
-fn cas_operands(peer_be_words: bool, expected: u64, new: u64) -> (u64, u64) {
-    if peer_be_words {
-        (expected.swap_bytes(), new.swap_bytes())
-    } else {
-        (expected, new)
-    }
+/// A word between the API and a peer's NIC, either way. The API's values are host-order
+/// integers of little-endian memory words; verbs atomics work on words in the byte order
+/// of the responder's host (docs/rdma.md, "Atomics"), and return the old word so. For a
+/// peer that works on big-endian words a compare-and-swap's operands and its old value
+/// are the byte-swapped values: comparing or storing 8 bytes is the same in either
+/// order, so the swapped operation is exact. (A fetch-and-add is not: its carries run
+/// the other way.)
+fn peer_word(peer_be_words: bool, v: u64) -> u64 {
+    if peer_be_words { v.swap_bytes() } else { v }
 }
 
 /// Why an atomic cannot keep the API's little-endian words on this peer (`None`: it
@@ -2528,12 +2524,6 @@ fn word_order_refusal(
             conn()
         ),
     })
-}
-
-/// The API's value of the old word an atomic returned (`old`, as the responder read
-/// it, in this host's integers): see `cas_operands`.
-fn api_word(peer_be_words: bool, old: u64) -> u64 {
-    if peer_be_words { old.swap_bytes() } else { old }
 }
 
 impl GrantWatcher for RdmaEngine {
@@ -2789,8 +2779,8 @@ mod tests {
                 for &expected in &words {
                     let new = expected.wrapping_mul(31).wrapping_add(7);
                     let mut mem = start.to_le_bytes();
-                    let (e, n) = cas_operands(be_words, expected, new);
-                    let old = api_word(be_words, nic_cas(&mut mem, be_words, e, n));
+                    let w = |v| peer_word(be_words, v);
+                    let old = w(nic_cas(&mut mem, be_words, w(expected), w(new)));
                     assert_eq!(old, start, "old value, peer be_words={be_words}");
                     let want = if start == expected { new } else { start };
                     assert_eq!(
@@ -2834,8 +2824,7 @@ mod tests {
         // The conversion is needed only for big-endian peers: applied to a
         // little-endian one it would miss a match (so the flag must be the peer's).
         let mut mem = 5u64.to_le_bytes();
-        let (e, n) = cas_operands(true, 5, 6);
-        nic_cas(&mut mem, false, e, n);
+        nic_cas(&mut mem, false, peer_word(true, 5), peer_word(true, 6));
         assert_eq!(mem, 5u64.to_le_bytes());
     }
 }
