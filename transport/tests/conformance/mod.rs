@@ -931,14 +931,15 @@ pub fn large_transfer_byte_exact(f: &Fixture) {
 }
 
 pub fn revoking_under_a_large_read_lets_the_connection_go_on(f: &Fixture) {
-    // A read of many work requests (rdma: 16 of 256 KiB), its key revoked while it is
-    // under way: the read completes or fails as revoked, and what was queued behind it
-    // on the connection (a message, a read with another key) still goes through. On
-    // rdma the peer acknowledges the revocation once its reads under the grant are
-    // done, and the target withdraws the registration only then (or after a second):
-    // 4 MiB takes a fraction of that even under TCG.
+    // A read of many work requests (rdma: 128 of 256 KiB, 16 of them posted at a
+    // time), its key revoked while it is under way: the read completes or fails as
+    // revoked, and what was queued behind it on the connection (a message, a read with
+    // another key) still goes through. On rdma the peer stops posting under the grant,
+    // acknowledges the revocation once the reads it posted are done (4 MiB at most, a
+    // fraction of a second even under TCG), and the target withdraws the registration
+    // only then (or after a second); the read, partly posted, fails.
     let p = f.pair_with(|c| c.op_timeout(Duration::from_secs(60)));
-    let total = f.large.min(4 << 20);
+    let total = f.large.min(32 << 20);
     let target = p.server.alloc_region(total, Rights::ALL).unwrap();
     let other = p.server.alloc_region(4096, Rights::ALL).unwrap();
     fill_pattern(&other, 5);

@@ -81,6 +81,24 @@ const CHUNK: u64 = 1 << 20;
 /// connection keeps outstanding are still 4 MiB in flight.
 const READ_CHUNK: u64 = 256 << 10;
 
+/// Bytes of writes, and of reads, a connection keeps posted at once; the rest of its
+/// operations wait in its queue. A revocation waits for what a peer has posted under
+/// the grant to complete (the target's NIC would refuse the rest, and that ends the
+/// connection), so this also bounds how long a revocation waits on a peer: on
+/// hardware a fraction of a millisecond. Reads: the 16 a NIC works on at once
+/// (`max_rd_atomic`) at [`READ_CHUNK`] each, more posted would only wait in its send
+/// queue; under TCG soft-RoCE (15-30 MiB/s) 0.1-0.3 s, inside [`REVOKE_GRACE`].
+/// Writes: 128 of 64 KiB, as ib_write_bw keeps in flight, many times the
+/// bandwidth-delay product of a data-centre link; under TCG (7-17 MiB/s) 0.5-1.2 s.
+const READ_WINDOW: u64 = 16 * READ_CHUNK;
+const WRITE_WINDOW: u64 = 8 << 20;
+
+/// How many bytes of the kind (`true`: writes) a connection keeps posted at most.
+#[inline(always)]
+fn window(is_write: bool) -> u64 {
+    if is_write { WRITE_WINDOW } else { READ_WINDOW }
+}
+
 /// The largest work request of a write (`true`) or a read.
 #[inline(always)]
 fn chunk(is_write: bool) -> u64 {
@@ -222,6 +240,7 @@ impl Inflight {
             conn: conn.clone(),
             deadline,
             wrs: 0,
+            rw_done: 0,
             error: None,
             atomic: None,
             grant: None,
@@ -241,6 +260,9 @@ struct Inflight {
     /// Stamped by the first tick that sees the operation (see `tick`).
     deadline: Option<Instant>,
     wrs: u32,
+    /// Reads and writes: bytes of its work requests completed so far (they complete in
+    /// posting order, a chunk each, so the next one's length follows).
+    rw_done: u64,
     /// The first error a work request reported.
     error: Option<Box<Error>>,
     /// Atomics: the result slot.
@@ -304,6 +326,9 @@ struct RConn {
     /// Grants the peer revoked whose `REVOKE_ACK` waits for this side's operations on
     /// them to complete (see `release_revoke_acks`).
     revoke_acks_held: Vec<u64>,
+    /// Bytes of reads (`[0]`) and writes (`[1]`) posted and not completed (see
+    /// [`READ_WINDOW`]).
+    posted: [u64; 2],
     held: VecDeque<(usize, usize)>,
     stalled: bool,
 }
@@ -344,6 +369,7 @@ impl RConn {
             next_req: 1,
             partial: Vec::new(),
             revoke_acks_held: Vec::new(),
+            posted: [0; 2],
             unacked: VecDeque::new(),
             acks_owed: 0,
             held: VecDeque::new(),
@@ -641,7 +667,8 @@ impl RdmaEngine {
             && c.queue.is_empty()
             && c.ctl_out.is_empty()
             && c.sq_used < c.caps.send_wr;
-        if !idle || len == 0 || len > chunk(is_write) {
+        let w = usize::from(is_write);
+        if !idle || len == 0 || len > chunk(is_write) || c.posted[w] + len > window(is_write) {
             return Err(req);
         }
         let g = match c.last_known {
@@ -686,6 +713,7 @@ impl RdmaEngine {
         }
         c.next_op = c.next_op.wrapping_add(1).max(1);
         c.sq_used += 1;
+        c.posted[w] += len;
         let OpReq {
             kind: OpKind::Write { local, .. } | OpKind::Read { local, .. },
             done,
@@ -711,6 +739,7 @@ impl RdmaEngine {
         };
         if mine.is_some() {
             c.sq_used = c.sq_used.saturating_sub(1);
+            c.posted[w] -= len;
             conn.count(what, len);
             conn.finish(&done, Ok(0));
         } else {
@@ -1671,8 +1700,14 @@ impl RdmaEngine {
         let room = c.caps.send_wr.saturating_sub(c.sq_used) as usize;
         let mut at = c.head.posted;
         let need_notify = notify.is_some();
+        let w = usize::from(is_write);
+        let budget = window(is_write).saturating_sub(c.posted[w]);
+        let from = at;
         while wrs.len() < room && (at < total || (total == 0 && wrs.is_empty() && at == 0)) {
             let n = (total - at).min(chunk(is_write));
+            if at - from + n > budget {
+                break;
+            }
             wrs.push(rw_wr(
                 op,
                 is_write,
@@ -1725,6 +1760,7 @@ impl RdmaEngine {
             return Err(e);
         }
         c.sq_used += wrs.len() as u32;
+        c.posted[w] += at - from;
         c.ops.get_mut(&u64::from(op)).expect("op").wrs += wrs.len() as u32;
         c.head.posted = at;
         let finished = done_all && (!need_notify || notify_slot.is_some());
@@ -1833,6 +1869,18 @@ impl RdmaEngine {
             }
         } else if let Some(f) = c.ops.get_mut(&u64::from(op)) {
             f.wrs = f.wrs.saturating_sub(1);
+            let rw = match f.what {
+                Some(C::bytes_written) => Some(true),
+                Some(C::bytes_read) => Some(false),
+                _ => None,
+            };
+            if let (None, Some(is_write)) = (slot, rw) {
+                // A chunk of a read or write: its bytes leave the posting window.
+                let n = (f.bytes - f.rw_done).min(chunk(is_write));
+                f.rw_done += n;
+                let p = &mut c.posted[usize::from(is_write)];
+                *p = p.saturating_sub(n);
+            }
             if let Some(s) = slot {
                 if f.atomic == Some(s) {
                     // Freed below with the result.
@@ -1909,6 +1957,11 @@ impl RdmaEngine {
             return;
         }
         let f = e.remove();
+        debug_assert!(
+            !c.ops.is_empty() || c.posted == [0; 2],
+            "bytes left in the posting window with nothing in flight: {:?}",
+            c.posted
+        );
         let r = match f.error {
             Some(e) => Err(*e),
             None => {
