@@ -404,11 +404,17 @@ fn header_overhead() -> usize {
     packet::PREFIX_LEN + packet::MAX_ACK_LEN
 }
 
+/// Payload every connection's wire messages have room for: the layer above sends its
+/// handshake answer (a nonce and a proof, 64 bytes) in one message, and cuts its error
+/// texts to fit one.
+pub(crate) const MIN_SEGMENT: usize = 64;
+
 /// Smallest `max_datagram` a connection works with: room for the datagram's headers,
-/// the integrity tag if it has one, and one wire message with a byte of payload.
+/// the integrity tag if it has one, and one wire message with [`MIN_SEGMENT`] bytes of
+/// payload.
 pub(crate) fn min_datagram(integrity: bool) -> usize {
     let tag = if integrity { mac::TAG_LEN } else { 0 };
-    header_overhead() + tag + MAX_HEADER_LEN + 1
+    header_overhead() + tag + MAX_HEADER_LEN + MIN_SEGMENT
 }
 
 /// Why the parameters of an `INIT` (or `INIT_ACK`) cannot make a connection, if they
@@ -420,7 +426,7 @@ pub(crate) fn init_refusal(init: &Init) -> Option<String> {
     ((init.max_datagram as usize) < min).then(|| {
         format!(
             "the peer announced a max_datagram of {} bytes, less than the {min} bytes a \
-             datagram{} needs for its headers and one byte of a message",
+             datagram{} needs for its headers and a message of {MIN_SEGMENT} bytes",
             init.max_datagram,
             if integrity {
                 " with per-datagram integrity"
@@ -522,7 +528,7 @@ impl Conn {
         self.rx = Some(RecvWindow::new(init.first_seq, self.cfg.window));
         self.peer_window = init.window.clamp(1, MAX_WINDOW);
         // Peers announcing less are refused (`init_refusal`); the floor keeps
-        // `max_segment` at one byte or more whatever comes.
+        // `max_segment` at `MIN_SEGMENT` or more whatever comes.
         let integrity = init.flags & packet::INIT_MAC != 0 || self.mac_nonce.is_some();
         self.max_datagram = self
             .cfg

@@ -638,12 +638,12 @@ fn an_init_ack_with_a_wrong_tag_fails_the_connection() {
 #[test]
 fn an_init_without_room_for_a_message_and_the_integrity_tag_is_refused() {
     // The floor: prefix, the largest ACK block, the tag when asked for, one wire header
-    // and a byte of payload.
-    assert_eq!(min_datagram(false), 161);
-    assert_eq!(min_datagram(true), 177);
+    // and 64 bytes of payload (a handshake answer).
+    assert_eq!(min_datagram(false), 224);
+    assert_eq!(min_datagram(true), 240);
     let now = SimLink::new(LinkConfig::default()).now();
     for integrity in [false, true] {
-        for max_datagram in (0..=200).chain([u32::MAX]) {
+        for max_datagram in (0..=260).chain([u32::MAX]) {
             let init = packet::Init {
                 conn_id: 6,
                 first_seq: 0,
@@ -670,7 +670,7 @@ fn an_init_without_room_for_a_message_and_the_integrity_tag_is_refused() {
                 Conn::server(cfg(), 5, 0, &init, now)
             };
             let tag = if integrity { mac::TAG_LEN } else { 0 };
-            assert!(c.max_segment() >= 1, "{max_datagram}");
+            assert!(c.max_segment() >= MIN_SEGMENT, "{max_datagram}");
             assert_eq!(
                 c.max_message() + header_overhead() + tag,
                 (max_datagram as usize).clamp(floor as usize, cfg().max_datagram)
@@ -688,7 +688,7 @@ fn an_init_ack_without_room_for_a_message_and_the_tag_fails_the_connection() {
     assert!(net.run_until(Duration::from_secs(1), |n| n.a.is_closed()));
     match net.a.state() {
         State::Closed(why) => assert!(
-            why.contains("max_datagram of 170 bytes") && why.contains("177"),
+            why.contains("max_datagram of 170 bytes") && why.contains("240"),
             "{why}"
         ),
         s => panic!("{s:?}"),

@@ -169,6 +169,9 @@ pub(super) struct OpLayer {
     /// Messages produced while handling input or admitting ops, queued to the protocol
     /// afterwards.
     outbox: Vec<OutMsg>,
+    /// ERRORs to send, likewise: (op id, code, text). Their text is cut to what one
+    /// wire message of the connection carries when they are queued (`flush_outbox`).
+    errors_out: Vec<(u64, ErrorCode, String)>,
     writes_in: IdMap<InWrite>,
     sends_in: IdMap<InSend>,
     /// Bytes the reassembly buffers of `sends_in` take (the lengths of the messages
@@ -250,9 +253,11 @@ fn small(op_id: u64, body: Body) -> OutMsg {
     msg(op_id, body, Payload::None, 0)
 }
 
-fn error_msg(op_id: u64, code: ErrorCode, why: &str) -> OutMsg {
+/// An ERROR whose text is cut to `room` bytes (and to [`MAX_ERROR_PAYLOAD`]): it goes
+/// unsegmented, in one wire message.
+fn error_msg(op_id: u64, code: ErrorCode, why: &str, room: usize) -> OutMsg {
     let mut t = why.as_bytes().to_vec();
-    t.truncate(MAX_ERROR_PAYLOAD as usize);
+    t.truncate(room.min(MAX_ERROR_PAYLOAD as usize));
     with_bytes(op_id, Body::Error { code }, t)
 }
 
@@ -271,6 +276,7 @@ impl OpLayer {
             held: VecDeque::new(),
             streams: VecDeque::new(),
             outbox: Vec::new(),
+            errors_out: Vec::new(),
             writes_in: IdMap::default(),
             sends_in: IdMap::default(),
             sends_reserved: 0,
@@ -349,6 +355,15 @@ impl OpLayer {
         for m in self.outbox.drain(..) {
             proto.queue(m);
         }
+        let room = proto.max_segment();
+        for (op_id, code, why) in self.errors_out.drain(..) {
+            proto.queue(error_msg(op_id, code, &why, room));
+        }
+    }
+
+    /// Answer op `op_id` (0: the connection) with an ERROR.
+    fn push_error(&mut self, op_id: u64, code: ErrorCode, why: &str) {
+        self.errors_out.push((op_id, code, why.to_string()));
     }
 
     // ---- initiator ----
@@ -655,6 +670,7 @@ pub(super) fn fail_conn(c: &mut DConn, reason: &str) {
     ops.timeouts.clear();
     ops.streams.clear();
     ops.outbox.clear();
+    ops.errors_out.clear();
     ops.writes_in.clear();
     ops.sends_in.clear();
     ops.sends_reserved = 0;
@@ -715,7 +731,7 @@ impl Sink for OpSink<'_, '_> {
         {
             return false;
         }
-        if self.ctx.queued + o.outbox.len() + o.streams.len() > MAX_BACKLOG {
+        if self.ctx.queued + o.outbox.len() + o.errors_out.len() + o.streams.len() > MAX_BACKLOG {
             return false;
         }
         if o.writes_in.len() >= MAX_TRACKED || o.sends_in.len() >= MAX_TRACKED {
@@ -840,7 +856,8 @@ impl Sink for OpSink<'_, '_> {
                 {
                     e.refused = true;
                     shared.count(C::remote_ops_refused, 1);
-                    o.outbox.push(error_msg(op_id, code, &why));
+                    // (The field itself: `e` borrows the in-flight writes.)
+                    o.errors_out.push((op_id, code, why));
                 }
                 e.got = e.got.saturating_add(plen);
                 if e.got >= e.len {
@@ -867,7 +884,7 @@ impl Sink for OpSink<'_, '_> {
                         "read of {len} bytes exceeds this endpoint's limit of {}",
                         core.config.max_op_size
                     );
-                    o.outbox.push(error_msg(op_id, ErrorCode::TooLarge, &why));
+                    o.push_error(op_id, ErrorCode::TooLarge, &why);
                     return;
                 }
                 match core.regions.authorize(&target, Rights::READ, len, false) {
@@ -882,7 +899,7 @@ impl Sink for OpSink<'_, '_> {
                     }
                     Err(r) => {
                         shared.count(C::remote_ops_refused, 1);
-                        o.outbox.push(error_msg(op_id, r.code, &r.why));
+                        o.push_error(op_id, r.code, &r.why);
                     }
                 }
             }
@@ -1063,8 +1080,7 @@ impl OpLayer {
         if e.refused {
             if e.got == 0 {
                 let why = format!("message of {msg_len} bytes exceeds the limit of {max}");
-                self.outbox
-                    .push(error_msg(op_id, ErrorCode::TooLarge, &why));
+                self.errors_out.push((op_id, ErrorCode::TooLarge, why));
             }
         } else {
             if e.buf.len() as u64 != msg_len {
@@ -1160,8 +1176,7 @@ impl OpLayer {
         } else {
             format!("{what}: this connection does not number its messages")
         };
-        self.outbox
-            .push(error_msg(op_id, ErrorCode::Protocol, &why));
+        self.push_error(op_id, ErrorCode::Protocol, &why);
     }
 }
 
@@ -1182,13 +1197,12 @@ fn atomic(
             }
             Err(e) => {
                 shared.count(C::remote_ops_refused, 1);
-                o.outbox
-                    .push(error_msg(op_id, ErrorCode::Misaligned, &e.to_string()));
+                o.push_error(op_id, ErrorCode::Misaligned, &e.to_string());
             }
         },
         Err(r) => {
             shared.count(C::remote_ops_refused, 1);
-            o.outbox.push(error_msg(op_id, r.code, &r.why));
+            o.push_error(op_id, r.code, &r.why);
         }
     }
 }
@@ -1220,9 +1234,7 @@ impl OpSink<'_, '_> {
                         wire::MAX_VERSION
                     );
                     tracing::warn!(peer = %self.ctx.peer, "{why}");
-                    self.ops
-                        .outbox
-                        .push(error_msg(0, ErrorCode::UnsupportedVersion, &why));
+                    self.ops.push_error(0, ErrorCode::UnsupportedVersion, &why);
                     return;
                 }
                 let Some(secret) = core.config.secret.clone() else {
@@ -1355,9 +1367,7 @@ impl OpSink<'_, '_> {
         self.ctx.core.counters.add(C::auth_failures, 1);
         self.ctx.core.counters.add(C::errors, 1);
         self.ops.srv_auth = SrvAuth::Refused;
-        self.ops
-            .outbox
-            .push(error_msg(0, ErrorCode::AuthFailed, why));
+        self.ops.push_error(0, ErrorCode::AuthFailed, why);
     }
 
     /// The connection is established (authenticated, or nothing needed proving). On
@@ -1405,7 +1415,7 @@ impl OpSink<'_, '_> {
             let why = "too many connections waiting to be accepted";
             shared.mark_closed(why);
             tracing::warn!(peer = %self.ctx.peer, "refusing connection: {why}");
-            o.outbox.push(error_msg(0, ErrorCode::Busy, why));
+            o.push_error(0, ErrorCode::Busy, why);
         }
         self.ctx.new_shared = Some((shared, accepted));
     }
@@ -1414,6 +1424,40 @@ impl OpSink<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_text_is_cut_to_what_one_wire_message_carries() {
+        // A peer that accepts only the smallest datagram a connection works with: an
+        // ERROR with a long text still goes, cut, in one datagram of that size.
+        let small = crate::proto::min_datagram(false);
+        let init = crate::proto::packet::Init {
+            conn_id: 3,
+            first_seq: 0,
+            max_datagram: small as u32,
+            window: 64,
+            flags: 0,
+        };
+        let cfg = crate::proto::Config {
+            max_datagram: 1472,
+            ..crate::proto::Config::default()
+        };
+        let now = Instant::now();
+        let mut proto = PConn::server(cfg, 5, 0, &init, now);
+        let mut o = OpLayer::new();
+        o.push_error(7, ErrorCode::Protocol, &"x".repeat(600));
+        o.flush_outbox(&mut proto);
+        assert_eq!(proto.queued(), 1);
+        let mut sizes = Vec::new();
+        let mut d = Vec::new();
+        while proto.poll_transmit(now, &mut d) {
+            sizes.push(d.len());
+        }
+        assert!(sizes.len() >= 2, "the INIT_ACK and the ERROR: {sizes:?}");
+        assert!(
+            sizes.iter().all(|&n| n <= small),
+            "{sizes:?} against {small}"
+        );
+    }
 
     #[test]
     fn message_numbers_wrap_around() {
