@@ -377,17 +377,23 @@ mod registration_cache {
     }
 }
 
-/// A server (progress thread) with a target region of `len` bytes and its key, and a
-/// client (progress thread) connected to it; `None` outside the VM.
-fn connected_pair(
-    len: usize,
-) -> Option<(
+/// The target endpoint, its region and a key to it, the client and its connection.
+type Pair = (
     pfs_transport::Endpoint,
     pfs_transport::Region,
     pfs_transport::RegionKey,
     pfs_transport::Endpoint,
     pfs_transport::Connection,
-)> {
+);
+
+/// A server (progress thread) with a target region of `len` bytes and its key, and a
+/// client (progress thread) connected to it; `None` outside the VM.
+fn connected_pair(len: usize) -> Option<Pair> {
+    connected_pair_with(len, pfs_transport::EndpointConfig::new())
+}
+
+/// [`connected_pair`] with the client's configuration.
+fn connected_pair_with(len: usize, client: pfs_transport::EndpointConfig) -> Option<Pair> {
     use pfs_transport::{Endpoint, EndpointConfig, Rights};
     let ip = server_ip()?;
     let s = Endpoint::bind(
@@ -398,7 +404,7 @@ fn connected_pair(
     .unwrap();
     let target = s.alloc_region(len, Rights::ALL).unwrap();
     let key = target.key(Rights::ALL).unwrap();
-    let c = Endpoint::bind(EndpointConfig::new()).unwrap();
+    let c = Endpoint::bind(client).unwrap();
     let conn = c.connect_addr(&s.local_addrs()[0]).unwrap();
     Some((s, target, key, c, conn))
 }
@@ -507,5 +513,52 @@ mod soft_roce {
             n < 4,
             "32 MiB of reads waited for the ACK timeout {n} times"
         );
+    }
+
+    /// A read that times out part-way posts nothing more: its caller has had `Timeout`
+    /// and may use its buffer again. What was posted before (the posting window, 4 MiB
+    /// of reads at most) completes, and then the buffer stays as it is. 64 MiB takes
+    /// 2-4 s here (15-30 MiB/s under TCG), well past the 1.5 s deadline.
+    #[test]
+    fn a_read_that_timed_out_posts_no_more() {
+        use std::time::Duration;
+
+        use pfs_transport::{EndpointConfig, Error};
+        let len = 64 << 20;
+        let client = EndpointConfig::new().op_timeout(Duration::from_millis(1500));
+        let Some((_s, target, key, c, conn)) = super::connected_pair_with(len, client) else {
+            return;
+        };
+        target.write_at(0, &vec![0xa5; len]).unwrap();
+        let back = c.alloc_region(len, Rights::ALL).unwrap();
+        // The key's grant and the buffer's registration, before the timed read.
+        conn.read(&back, len as u64 - 8, &key, 0, 8)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let filled = |r: &pfs_transport::Region| {
+            r.to_vec(0, len - 8)
+                .unwrap()
+                .iter()
+                .filter(|&&b| b != 0)
+                .count()
+        };
+        match conn.read(&back, 0, &key, 0, len as u64 - 8).unwrap().wait() {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("64 MiB read in 1.5 s under TCG: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let a = filled(&back);
+        std::thread::sleep(Duration::from_secs(2));
+        let b = filled(&back);
+        assert_eq!(
+            a, b,
+            "the read went on after its Timeout: {a} bytes, then {b}"
+        );
+        assert!(b < len - 8, "all of it arrived: {b} bytes");
+        conn.read(&back, 0, &key, 0, 8)
+            .unwrap()
+            .wait()
+            .expect("the connection goes on");
     }
 }

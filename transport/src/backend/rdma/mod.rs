@@ -1425,6 +1425,17 @@ impl RdmaEngine {
             );
             return Ok(1);
         }
+        // Timed out while partly posted (or while waiting for room in the posting
+        // window): its caller has had `Timeout`, so none of the rest goes out; it leaves
+        // the in-flight table once what it posted has completed.
+        if let Some(op) = c.head.op
+            && c.ops.get(&u64::from(op)).is_some_and(|f| f.timed_out)
+        {
+            c.queue.pop_front();
+            c.head = Head::default();
+            Self::try_finish(c, op);
+            return Ok(1);
+        }
         // Which grant the head needs, and for what.
         let (target, need, len) = match head.kind.access() {
             Some((t, need, len)) => (Some(t), need, len),
