@@ -171,11 +171,11 @@ fn paired_ratio(a: &[f64], b: &[f64]) -> Option<(f64, (f64, f64), usize)> {
     ))
 }
 
-/// A target's verdict on `ratio`, whose 95% interval is `(lo, hi)`: the ratio must be at
-/// least `target` (`at_least`) or at most. Where the interval spans the target, the run
-/// has too few samples to tell, and the verdict says so: under TCG one pair of write
-/// samples differs by about 30% (docs/benchmarks.md).
-fn verdict(ratio: f64, (lo, hi): (f64, f64), target: f64, at_least: bool) -> String {
+/// A target's verdict on `ratio` (of the statistic `of`), whose 95% interval is
+/// `(lo, hi)`: the ratio must be at least `target` (`at_least`) or at most. Where the
+/// interval spans the target, the run has too few samples to tell, and the verdict says
+/// so: under TCG one pair of write samples differs by about 30% (docs/benchmarks.md).
+fn verdict(ratio: f64, (lo, hi): (f64, f64), target: f64, at_least: bool, of: &str) -> String {
     // Whether the target holds at the ratio, across the whole interval, and anywhere in it.
     let (met, everywhere, somewhere) = if at_least {
         (ratio >= target, lo >= target, hi >= target)
@@ -186,7 +186,7 @@ fn verdict(ratio: f64, (lo, hi): (f64, f64), target: f64, at_least: bool) -> Str
     if everywhere == somewhere {
         on.into()
     } else {
-        format!("{on} on the medians; the interval spans {target}: too few samples to tell")
+        format!("{on} on the {of}; the interval spans {target}: too few samples to tell")
     }
 }
 
@@ -698,7 +698,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let (wlo, whi) = ratio_interval(&r.pfs_write_mib_s, &r.perftest_write_mib_s, median);
         println!(
             "  ib_write_bw 64 KiB      {bw:>10.2} MiB/s   ratio PacketFS/perftest {wr:.3} (target >= 0.95: {}; 95% interval {wlo:.3}-{whi:.3})",
-            verdict(wr, (wlo, whi), 0.95, true)
+            verdict(wr, (wlo, whi), 0.95, true, "medians")
         );
         if let Some((g, (glo, ghi), lower)) =
             paired_ratio(&r.pfs_write_mib_s, &r.perftest_write_mib_s)
@@ -719,7 +719,7 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let (qlo, qhi) = ratio_interval(&all_read, &r.perftest_read_lat_us, |v| quantile(v, 0.25));
         println!(
             "  read, lower quartiles   {pt_q:>10.2} µs      PacketFS {pfs_q:.2} µs: ratio {lrq:.3} (target <= 1.10: {}; 95% interval {qlo:.3}-{qhi:.3})",
-            verdict(lrq, (qlo, qhi), 1.10, false)
+            verdict(lrq, (qlo, qhi), 1.10, false, "lower quartiles")
         );
         r.write_ratio = Some(wr);
         r.read_lat_ratio = Some(lr);
@@ -826,13 +826,16 @@ mod tests {
 
     #[test]
     fn a_verdict_says_when_the_interval_cannot_tell() {
-        assert_eq!(verdict(1.0, (0.96, 1.05), 0.95, true), "met");
-        assert_eq!(verdict(0.9, (0.8, 0.94), 0.95, true), "NOT met");
-        assert!(verdict(0.97, (0.9, 1.05), 0.95, true).starts_with("met on the medians"));
-        assert!(verdict(0.94, (0.8, 1.3), 0.95, true).starts_with("NOT met on the medians"));
-        assert_eq!(verdict(0.9, (0.8, 1.0), 1.1, false), "met");
-        assert_eq!(verdict(1.2, (1.15, 1.3), 1.1, false), "NOT met");
-        assert!(verdict(1.0, (0.7, 1.4), 1.1, false).contains("too few samples"));
+        let w = |r, i| verdict(r, i, 0.95, true, "medians");
+        assert_eq!(w(1.0, (0.96, 1.05)), "met");
+        assert_eq!(w(0.9, (0.8, 0.94)), "NOT met");
+        assert!(w(0.97, (0.9, 1.05)).starts_with("met on the medians; the interval spans 0.95"));
+        assert!(w(0.94, (0.8, 1.3)).starts_with("NOT met on the medians"));
+        let r = |r, i| verdict(r, i, 1.1, false, "lower quartiles");
+        assert_eq!(r(0.9, (0.8, 1.0)), "met");
+        assert_eq!(r(1.2, (1.15, 1.3)), "NOT met");
+        assert!(r(1.0, (0.7, 1.4)).starts_with("met on the lower quartiles"));
+        assert!(r(1.0, (0.7, 1.4)).ends_with("too few samples to tell"));
     }
 
     #[test]
