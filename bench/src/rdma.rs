@@ -102,6 +102,11 @@ struct Results {
     write_pair_ratio_interval: Option<(f64, f64)>,
     write_pairs_pfs_lower: Option<usize>,
     read_lat_lower_quartile_ratio_interval: Option<(f64, f64)>,
+    /// As `write_pair_ratio`, for the read pairs (PacketFS's two samples of a pair
+    /// taken together by their geometric mean).
+    read_lat_pair_ratio: Option<f64>,
+    read_lat_pair_ratio_interval: Option<(f64, f64)>,
+    read_lat_pairs_pfs_lower: Option<usize>,
     perftest_read_lat_lower_quartile_us: Option<f64>,
     pfs_read_lat_lower_quartile_us: Option<f64>,
     target_write_met: Option<bool>,
@@ -147,7 +152,7 @@ fn ratio_interval(a: &[f64], b: &[f64], stat: impl Fn(&[f64]) -> f64) -> (f64, f
 
 /// The geometric mean of the pair ratios `a[i] / b[i]` (the samples of each pair taken
 /// back to back), with a 95% interval from 2,000 resamplings of the pairs (as
-/// [`ratio_interval`]), and how many pairs `a` lost. Pairing takes out what moves
+/// [`ratio_interval`]), and in how many pairs `a` was the lower. Pairing takes out what moves
 /// slowly, over a boot or a run; what is left is the noise within a pair.
 fn paired_ratio(a: &[f64], b: &[f64]) -> Option<(f64, (f64, f64), usize)> {
     let logs: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x / y).ln()).collect();
@@ -171,22 +176,55 @@ fn paired_ratio(a: &[f64], b: &[f64]) -> Option<(f64, (f64, f64), usize)> {
     ))
 }
 
-/// A target's verdict on `ratio` (of the statistic `of`), whose 95% interval is
-/// `(lo, hi)`: the ratio must be at least `target` (`at_least`) or at most. Where the
-/// interval spans the target, the run has too few samples to tell, and the verdict says
-/// so: under TCG one pair of write samples differs by about 30% (docs/benchmarks.md).
-fn verdict(ratio: f64, (lo, hi): (f64, f64), target: f64, at_least: bool, of: &str) -> String {
-    // Whether the target holds at the ratio, across the whole interval, and anywhere in it.
-    let (met, everywhere, somewhere) = if at_least {
-        (ratio >= target, lo >= target, hi >= target)
-    } else {
-        (ratio <= target, hi <= target, lo <= target)
-    };
-    let on = if met { "met" } else { "NOT met" };
-    if everywhere == somewhere {
-        on.into()
-    } else {
-        format!("{on} on the {of}; the interval spans {target}: too few samples to tell")
+/// A target on a ratio of the two tools' statistic `of`: at least `value` (`at_least`)
+/// or at most.
+struct Target {
+    value: f64,
+    at_least: bool,
+    of: &'static str,
+}
+
+/// The targets `pfs-bench rdma` judges: PacketFS's write bandwidth at least 0.95x ib_write_bw's (on the
+/// medians), its read round trip at most 1.1x ib_read_lat's (on the lower quartiles;
+/// see `rdma`).
+const WRITE_TARGET: Target = Target {
+    value: 0.95,
+    at_least: true,
+    of: "medians",
+};
+const READ_TARGET: Target = Target {
+    value: 1.10,
+    at_least: false,
+    of: "lower quartiles",
+};
+
+/// Fewer samples per tool than this and a bootstrap interval says little (one sample
+/// gives an interval of one point).
+const MIN_SAMPLES_FOR_INTERVAL: usize = 5;
+
+impl Target {
+    /// The verdict on `ratio`, whose 95% interval is `(lo, hi)`, from `n` samples per
+    /// tool (the fewer of the two). Where the interval spans the target, or the samples
+    /// are too few for an interval, the verdict says the run cannot tell: under TCG one
+    /// pair of write samples differs by about 30% (docs/benchmarks.md).
+    fn verdict(&self, ratio: f64, (lo, hi): (f64, f64), n: usize) -> String {
+        let t = self.value;
+        // Whether the target holds at the ratio, across the whole interval, and anywhere
+        // in it.
+        let (met, everywhere, somewhere) = if self.at_least {
+            (ratio >= t, lo >= t, hi >= t)
+        } else {
+            (ratio <= t, hi <= t, lo <= t)
+        };
+        let on = if met { "met" } else { "NOT met" };
+        let of = self.of;
+        if n < MIN_SAMPLES_FOR_INTERVAL {
+            format!("{on} on the {of} of {n} samples per tool: too few to tell")
+        } else if everywhere != somewhere {
+            format!("{on} on the {of}; the interval spans {t}: too few samples to tell")
+        } else {
+            on.into()
+        }
     }
 }
 
@@ -698,7 +736,11 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let (wlo, whi) = ratio_interval(&r.pfs_write_mib_s, &r.perftest_write_mib_s, median);
         println!(
             "  ib_write_bw 64 KiB      {bw:>10.2} MiB/s   ratio PacketFS/perftest {wr:.3} (target >= 0.95: {}; 95% interval {wlo:.3}-{whi:.3})",
-            verdict(wr, (wlo, whi), 0.95, true, "medians")
+            WRITE_TARGET.verdict(
+                wr,
+                (wlo, whi),
+                r.pfs_write_mib_s.len().min(r.perftest_write_mib_s.len())
+            )
         );
         if let Some((g, (glo, ghi), lower)) =
             paired_ratio(&r.pfs_write_mib_s, &r.perftest_write_mib_s)
@@ -716,10 +758,28 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
             "  ib_read_lat 2 B typical {lat:>10.2} µs      ratio PacketFS/perftest {lr:.3} (median of all samples)"
         );
         println!("    fresh processes: ratio {lrf:.3}; this process: ratio {lri:.3}");
+        // A read pair: perftest's sample against the geometric mean of PacketFS's two
+        // taken next to it (a fresh process, then this one).
+        let pfs_pairs: Vec<f64> = r
+            .pfs_read_lat_fresh_process_p50_us
+            .iter()
+            .zip(&r.pfs_read_lat_in_process_p50_us)
+            .map(|(f, i)| (f * i).sqrt())
+            .collect();
+        if let Some((g, (glo, ghi), lower)) = paired_ratio(&pfs_pairs, &r.perftest_read_lat_us) {
+            println!(
+                "    pair by pair: geometric mean of the {} ratios {g:.3} (95% interval \
+                 {glo:.3}-{ghi:.3}); PacketFS's samples the lower in {lower}",
+                pfs_pairs.len()
+            );
+            r.read_lat_pair_ratio = Some(g);
+            r.read_lat_pair_ratio_interval = Some((glo, ghi));
+            r.read_lat_pairs_pfs_lower = Some(lower);
+        }
         let (qlo, qhi) = ratio_interval(&all_read, &r.perftest_read_lat_us, |v| quantile(v, 0.25));
         println!(
             "  read, lower quartiles   {pt_q:>10.2} µs      PacketFS {pfs_q:.2} µs: ratio {lrq:.3} (target <= 1.10: {}; 95% interval {qlo:.3}-{qhi:.3})",
-            verdict(lrq, (qlo, qhi), 1.10, false, "lower quartiles")
+            READ_TARGET.verdict(lrq, (qlo, qhi), r.perftest_read_lat_us.len())
         );
         r.write_ratio = Some(wr);
         r.read_lat_ratio = Some(lr);
@@ -730,8 +790,8 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         r.read_lat_lower_quartile_ratio_interval = Some((qlo, qhi));
         r.perftest_read_lat_lower_quartile_us = Some(pt_q);
         r.pfs_read_lat_lower_quartile_us = Some(pfs_q);
-        r.target_write_met = Some(wr >= 0.95);
-        r.target_read_met = Some(lrq <= 1.10);
+        r.target_write_met = Some(wr >= WRITE_TARGET.value);
+        r.target_read_met = Some(lrq <= READ_TARGET.value);
     }
     if let Some(path) = &a.json {
         let s = serde_json::to_string_pretty(&r)?;
@@ -826,16 +886,20 @@ mod tests {
 
     #[test]
     fn a_verdict_says_when_the_interval_cannot_tell() {
-        let w = |r, i| verdict(r, i, 0.95, true, "medians");
+        let w = |r, i| WRITE_TARGET.verdict(r, i, 5);
         assert_eq!(w(1.0, (0.96, 1.05)), "met");
         assert_eq!(w(0.9, (0.8, 0.94)), "NOT met");
         assert!(w(0.97, (0.9, 1.05)).starts_with("met on the medians; the interval spans 0.95"));
         assert!(w(0.94, (0.8, 1.3)).starts_with("NOT met on the medians"));
-        let r = |r, i| verdict(r, i, 1.1, false, "lower quartiles");
+        let r = |r, i| READ_TARGET.verdict(r, i, 5);
         assert_eq!(r(0.9, (0.8, 1.0)), "met");
         assert_eq!(r(1.2, (1.15, 1.3)), "NOT met");
         assert!(r(1.0, (0.7, 1.4)).starts_with("met on the lower quartiles"));
         assert!(r(1.0, (0.7, 1.4)).ends_with("too few samples to tell"));
+        assert_eq!(
+            WRITE_TARGET.verdict(1.0, (1.0, 1.0), 1),
+            "met on the medians of 1 samples per tool: too few to tell"
+        );
     }
 
     #[test]
