@@ -405,8 +405,8 @@ fn header_overhead() -> usize {
 }
 
 /// Payload every connection's wire messages have room for: the layer above sends its
-/// handshake answer (a nonce and a proof, 64 bytes) in one message, and cuts its error
-/// texts to fit one.
+/// handshake answer (a nonce and a proof, 64 bytes; checked at compile time there) in
+/// one message, and cuts its error texts to fit one.
 pub(crate) const MIN_SEGMENT: usize = 64;
 
 /// Smallest `max_datagram` a connection works with: room for the datagram's headers,

@@ -23,6 +23,10 @@ use crate::stats::C;
 use crate::sys::mem::Slice;
 use crate::wire::{self, Body, ErrorCode, Header, MAX_ERROR_PAYLOAD, Target};
 
+/// The handshake's messages go unsegmented, each in one wire message, and the largest,
+/// the HELLO_ACK's answer (our nonce and proof), must fit what every connection carries.
+const _: () = assert!(auth::NONCE_LEN + auth::PROOF_LEN <= crate::proto::MIN_SEGMENT);
+
 /// Segments generated ahead into the protocol's queue (the rest wait, unsegmented).
 const PUMP_AHEAD: usize = 256;
 /// Answers waiting to be sent before a connection stops accepting requests.
