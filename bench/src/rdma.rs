@@ -118,62 +118,53 @@ fn median(v: &[f64]) -> f64 {
     quantile(v, 0.5)
 }
 
-/// Draws indices below `n` for the bootstrap: xorshift64* from a fixed seed, so a run's
-/// intervals can be checked.
-fn resampler() -> impl FnMut(usize) -> usize {
+/// The percentile bootstrap's 95% interval: `stat` over 2,000 resamplings, each drawing
+/// with [`resample`] (xorshift64* from a fixed seed, so a run's intervals can be
+/// checked), and the 2.5th and 97.5th percentiles of what it gave.
+fn bootstrap_interval(mut stat: impl FnMut(&mut Draw) -> f64) -> (f64, f64) {
     let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
-    move |n| {
+    let mut draw = move |n: usize| {
         seed ^= seed >> 12;
         seed ^= seed << 25;
         seed ^= seed >> 27;
         (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
-    }
+    };
+    let mut v: Vec<f64> = (0..2000).map(|_| stat(&mut draw)).collect();
+    v.sort_by(f64::total_cmp);
+    (quantile(&v, 0.025), quantile(&v, 0.975))
 }
 
-/// A 95% interval for `stat(a) / stat(b)`: the 2.5th and 97.5th percentiles of the ratio
-/// over 2,000 resamplings of both sets of samples, with replacement (the percentile
-/// bootstrap; a fixed seed, so a run's output can be checked). It says how far apart
-/// two runs of the same code can land when the guest's speed moves under the samples.
+/// Draws an index below its argument.
+type Draw = dyn FnMut(usize) -> usize;
+
+/// As many of `v`'s values as it holds, drawn with replacement.
+fn resample(v: &[f64], draw: &mut Draw) -> Vec<f64> {
+    (0..v.len()).map(|_| v[draw(v.len())]).collect()
+}
+
+/// A 95% interval for `stat(a) / stat(b)`, resampling both sets of samples (see
+/// [`bootstrap_interval`]). It says how far apart two runs of the same code can land
+/// when the guest's speed moves under the samples.
 fn ratio_interval(a: &[f64], b: &[f64], stat: impl Fn(&[f64]) -> f64) -> (f64, f64) {
     if a.is_empty() || b.is_empty() {
         return (f64::NAN, f64::NAN);
     }
-    let mut pick = resampler();
-    let mut ratios: Vec<f64> = (0..2000)
-        .map(|_| {
-            let ra: Vec<f64> = (0..a.len()).map(|_| a[pick(a.len())]).collect();
-            let rb: Vec<f64> = (0..b.len()).map(|_| b[pick(b.len())]).collect();
-            stat(&ra) / stat(&rb)
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    (quantile(&ratios, 0.025), quantile(&ratios, 0.975))
+    bootstrap_interval(|draw| stat(&resample(a, draw)) / stat(&resample(b, draw)))
 }
 
 /// The geometric mean of the pair ratios `a[i] / b[i]` (the samples of each pair taken
-/// back to back), with a 95% interval from 2,000 resamplings of the pairs (as
-/// [`ratio_interval`]), and in how many pairs `a` was the lower. Pairing takes out what moves
-/// slowly, over a boot or a run; what is left is the noise within a pair.
+/// back to back), with a 95% interval from resampling the pairs, and in how many pairs
+/// `a` was the lower. Pairing takes out what moves slowly, over a boot or a run; what
+/// is left is the noise within a pair.
 fn paired_ratio(a: &[f64], b: &[f64]) -> Option<(f64, (f64, f64), usize)> {
     let logs: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x / y).ln()).collect();
     if logs.is_empty() || logs.iter().any(|l| !l.is_finite()) {
         return None;
     }
     let geo = |v: &[f64]| (v.iter().sum::<f64>() / v.len() as f64).exp();
-    let mut pick = resampler();
-    let mut means: Vec<f64> = (0..2000)
-        .map(|_| {
-            let r: Vec<f64> = (0..logs.len()).map(|_| logs[pick(logs.len())]).collect();
-            geo(&r)
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
+    let interval = bootstrap_interval(|draw| geo(&resample(&logs, draw)));
     let lower = a.iter().zip(b).filter(|(x, y)| x < y).count();
-    Some((
-        geo(&logs),
-        (quantile(&means, 0.025), quantile(&means, 0.975)),
-        lower,
-    ))
+    Some((geo(&logs), interval, lower))
 }
 
 /// A target on a ratio of the two tools' statistic `of`: at least `value` (`at_least`)
@@ -184,9 +175,9 @@ struct Target {
     of: &'static str,
 }
 
-/// The targets `pfs-bench rdma` judges: PacketFS's write bandwidth at least 0.95x ib_write_bw's (on the
-/// medians), its read round trip at most 1.1x ib_read_lat's (on the lower quartiles;
-/// see `rdma`).
+/// The targets `pfs-bench rdma` judges: PacketFS's write bandwidth at least 0.95x
+/// ib_write_bw's (on the medians), its read round trip at most 1.1x ib_read_lat's (on
+/// the lower quartiles; see `rdma`).
 const WRITE_TARGET: Target = Target {
     value: 0.95,
     at_least: true,
@@ -203,6 +194,12 @@ const READ_TARGET: Target = Target {
 const MIN_SAMPLES_FOR_INTERVAL: usize = 5;
 
 impl Target {
+    /// How the report names it: `target >= 0.95`.
+    fn label(&self) -> String {
+        let op = if self.at_least { ">=" } else { "<=" };
+        format!("target {op} {:.2}", self.value)
+    }
+
     /// The verdict on `ratio`, whose 95% interval is `(lo, hi)`, from `n` samples per
     /// tool (the fewer of the two). Where the interval spans the target, or the samples
     /// are too few for an interval, the verdict says the run cannot tell: under TCG one
@@ -735,7 +732,8 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         let lrq = pfs_q / pt_q;
         let (wlo, whi) = ratio_interval(&r.pfs_write_mib_s, &r.perftest_write_mib_s, median);
         println!(
-            "  ib_write_bw 64 KiB      {bw:>10.2} MiB/s   ratio PacketFS/perftest {wr:.3} (target >= 0.95: {}; 95% interval {wlo:.3}-{whi:.3})",
+            "  ib_write_bw 64 KiB      {bw:>10.2} MiB/s   ratio PacketFS/perftest {wr:.3} ({}: {}; 95% interval {wlo:.3}-{whi:.3})",
+            WRITE_TARGET.label(),
             WRITE_TARGET.verdict(
                 wr,
                 (wlo, whi),
@@ -778,7 +776,8 @@ pub fn rdma(a: &RdmaArgs) -> AnyResult {
         }
         let (qlo, qhi) = ratio_interval(&all_read, &r.perftest_read_lat_us, |v| quantile(v, 0.25));
         println!(
-            "  read, lower quartiles   {pt_q:>10.2} µs      PacketFS {pfs_q:.2} µs: ratio {lrq:.3} (target <= 1.10: {}; 95% interval {qlo:.3}-{qhi:.3})",
+            "  read, lower quartiles   {pt_q:>10.2} µs      PacketFS {pfs_q:.2} µs: ratio {lrq:.3} ({}: {}; 95% interval {qlo:.3}-{qhi:.3})",
+            READ_TARGET.label(),
             READ_TARGET.verdict(lrq, (qlo, qhi), r.perftest_read_lat_us.len())
         );
         r.write_ratio = Some(wr);
@@ -891,6 +890,8 @@ mod tests {
         assert_eq!(w(0.9, (0.8, 0.94)), "NOT met");
         assert!(w(0.97, (0.9, 1.05)).starts_with("met on the medians; the interval spans 0.95"));
         assert!(w(0.94, (0.8, 1.3)).starts_with("NOT met on the medians"));
+        assert_eq!(WRITE_TARGET.label(), "target >= 0.95");
+        assert_eq!(READ_TARGET.label(), "target <= 1.10");
         let r = |r, i| READ_TARGET.verdict(r, i, 5);
         assert_eq!(r(0.9, (0.8, 1.0)), "met");
         assert_eq!(r(1.2, (1.15, 1.3)), "NOT met");

@@ -1084,6 +1084,7 @@ impl OpLayer {
         if e.refused {
             if e.got == 0 {
                 let why = format!("message of {msg_len} bytes exceeds the limit of {max}");
+                // (The field itself: `e` borrows the incoming messages.)
                 self.errors_out.push((op_id, ErrorCode::TooLarge, why));
             }
         } else {
